@@ -1,0 +1,41 @@
+"""The adapter interface and the generic adapter (every float nn.Linear; siblings = same parent, same input width)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class Adapter:
+    """Describes one architecture family to memwrap."""
+
+    name = "generic"
+    model_types: tuple[str, ...] = ()  # config.model_type values this adapter claims
+
+    def matches(self, model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return getattr(config, "model_type", None) in self.model_types
+
+    def sibling_key(self, name: str, module: nn.Module) -> str:
+        """Layers with equal keys (and equal in_features, c, r) share one P and one saved x̃.
+
+        Sharing is always safe: the saved x̃ is reused only when the very same input tensor arrives, so
+        grouping layers that read different inputs costs nothing but a shared seed.
+        """
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        in_features = getattr(module, "in_features", None)
+        return f"{parent}:{in_features}"
+
+
+class GenericAdapter(Adapter):
+    def matches(self, model: nn.Module) -> bool:
+        return True
+
+
+ADAPTERS: list[Adapter] = []  # family adapters, most specific first; the generic one is the fallback
+
+
+def resolve(model: nn.Module) -> Adapter:
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    return GenericAdapter()

@@ -1,0 +1,30 @@
+"""memwrap: full-parameter training of dense and MoE transformers in a fraction of the memory.
+
+    plan = memwrap.wrap(model, rank=8, granularity=4)
+    optimizer = memwrap.optimizer(model, lr=3e-4)      # or any torch.optim optimizer over model.parameters()
+    ... unchanged training loop ...
+    memwrap.unwrap(model)                              # plain nn.Linear again, updates merged
+
+Importing memwrap changes nothing outside this package.
+"""
+
+from .api import get_plan, optimizer, unwrap, wrap
+from .config import LayerPlan, Plan, WrapConfig
+from .errors import (
+    AlreadyWrappedError,
+    BudgetTooSmallError,
+    InvalidSettingsError,
+    MemwrapError,
+    NoTargetsError,
+    NotWrappedError,
+    PlanMismatchError,
+    UnsupportedArchitectureError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "wrap", "unwrap", "optimizer", "get_plan", "Plan", "LayerPlan", "WrapConfig",
+    "MemwrapError", "InvalidSettingsError", "NoTargetsError", "AlreadyWrappedError", "NotWrappedError",
+    "UnsupportedArchitectureError", "BudgetTooSmallError", "PlanMismatchError",
+]

@@ -1,0 +1,118 @@
+"""The public verbs: wrap, unwrap, optimizer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import inject
+from .config import Plan, WrapConfig
+from .errors import InvalidSettingsError
+
+
+@dataclass
+class WrapState:
+    """Kept on the wrapped model instance (as `model._memwrap_state`); removed by unwrap."""
+
+    plan: Plan
+    config: WrapConfig
+    modules: list = field(default_factory=list)
+
+
+def _as_tuple(value, what: str):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise InvalidSettingsError(f"{what} must be a string or a list of strings, got {value!r}.") from None
+    if not all(isinstance(v, str) for v in items):
+        raise InvalidSettingsError(f"{what} must contain only strings, got {value!r}.")
+    return items
+
+
+def _activation_dtype_bytes(model: nn.Module) -> int:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.element_size()
+    return 4
+
+
+def wrap(
+    model: nn.Module,
+    rank: int | None = None,
+    granularity: int | None = None,
+    *,
+    budget_gb: float | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    plan: Plan | str | os.PathLike | None = None,
+    targets=None,
+    exclude=("lm_head",),
+    projection: str = "stiefel",
+    refresh_every: int = 25,
+    seed: int = 0,
+    share_inputs: bool = True,
+    stochastic_rounding: bool = True,
+) -> Plan:
+    """Compress the model's linear (and MoE expert) layers in place and return the Plan that was applied.
+
+    rank/granularity set r and c for every layer; left out, the planner picks them from the memory budget
+    (budget_gb, else free GPU memory via NVML). plan= reapplies a saved plan exactly. The model is left
+    untouched when any check fails.
+    """
+    inject.require_unwrapped(model)
+    config = WrapConfig(rank=rank, granularity=granularity, projection=projection, refresh_every=refresh_every,
+                        seed=seed, targets=_as_tuple(targets, "targets"), exclude=_as_tuple(exclude, "exclude") or (),
+                        share_inputs=share_inputs, stochastic_rounding=stochastic_rounding)
+    config.validate()
+    if plan is not None:
+        if rank is not None or granularity is not None or budget_gb is not None:
+            raise InvalidSettingsError("pass either plan= or rank/granularity/budget_gb, not both: a plan fixes every setting.")
+        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        inject.check_plan_against_model(model, the_plan)
+    else:
+        from . import planner
+
+        the_plan = planner.plan_for_model(model, config, budget_gb=budget_gb, batch_size=batch_size, seq_len=seq_len,
+                                          dtype_bytes=_activation_dtype_bytes(model))
+    modules = inject.apply_plan(model, the_plan)
+    object.__setattr__(model, inject.STATE_ATTR, WrapState(plan=the_plan, config=config, modules=modules))
+    return the_plan
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Restore the original modules with every update merged; the model is plain PyTorch again."""
+    inject.require_wrapped(model)
+    inject.restore_all(model)
+    object.__delattr__(model, inject.STATE_ATTR)
+    return model
+
+
+def get_plan(model: nn.Module) -> Plan:
+    """The Plan a wrapped model was wrapped with."""
+    return inject.require_wrapped(model).plan
+
+
+def optimizer(
+    model: nn.Module,
+    lr: float = 1e-3,
+    *,
+    kind: str = "projfactor",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    error_feedback: bool = False,
+    no_decay=("bias", "norm", "embed"),
+) -> torch.optim.Optimizer:
+    """The matching optimizer: ProjFactor (default) or subspace AdamW for wrapped layers, AdamW for the rest."""
+    from .optim import MemwrapOptimizer
+
+    inject.require_wrapped(model)
+    return MemwrapOptimizer.for_model(model, lr=lr, kind=kind, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      error_feedback=error_feedback, no_decay=_as_tuple(no_decay, "no_decay") or ())

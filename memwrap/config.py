@@ -1,0 +1,218 @@
+"""Frozen dataclasses: what `wrap` was asked (WrapConfig) and what it did (LayerPlan, Plan). Plans round-trip JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidSettingsError, PlanMismatchError
+
+PLAN_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One compressed weight: a linear layer, or one fused expert parameter (E experts of n × m each)."""
+
+    name: str  # qualified module name (for experts: module name + "." + parameter name)
+    kind: str  # "linear" | "experts"
+    in_features: int  # m
+    out_features: int  # n
+    c: int  # granularity: the input is split into c blocks of width d = m / c
+    r: int  # rank of the projection of each block
+    num_experts: int = 1  # E (1 for a plain linear)
+    group: str = ""  # layers with the same group read the same input: one P, one saved x̃
+    dtype_bytes: int = 4  # bytes per element of the layer's activations
+
+    @property
+    def d(self) -> int:
+        return self.in_features // self.c
+
+    @property
+    def weight_numel(self) -> int:
+        return self.num_experts * self.out_features * self.in_features
+
+    @property
+    def coords_numel(self) -> int:
+        return self.num_experts * self.out_features * self.c * self.r
+
+    @property
+    def compression(self) -> float:
+        """Saved-input and gradient size relative to the exact layer: c·r / m."""
+        return self.c * self.r / self.in_features
+
+    def saved_input_bytes_per_token(self, compressed: bool = True) -> int:
+        width = self.c * self.r if compressed else self.in_features
+        return width * self.dtype_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class WrapConfig:
+    """Settings of `memwrap.wrap`."""
+
+    rank: int | None = None  # r per block; None: chosen by the planner
+    granularity: int | None = None  # c; None: chosen by the planner
+    projection: str = "stiefel"  # "stiefel" | "gaussian" | "rademacher"
+    refresh_every: int = 25  # optimizer steps between redraws of P
+    seed: int = 0  # global seed of every projection
+    targets: tuple[str, ...] | None = None  # name filters (substring or glob); None: every float linear
+    exclude: tuple[str, ...] = ("lm_head",)  # name filters never wrapped
+    share_inputs: bool = True  # siblings reading the same input share P and the saved x̃
+    stochastic_rounding: bool = True  # bf16/fp16 weights: merge with stochastic rounding
+
+    def validate(self) -> None:
+        for key in ("rank", "granularity"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InvalidSettingsError(f"{key}={value!r} must be a positive integer (or None to let the planner choose).")
+        if not isinstance(self.refresh_every, int) or isinstance(self.refresh_every, bool) or self.refresh_every < 1:
+            raise InvalidSettingsError(f"refresh_every={self.refresh_every!r} must be a positive integer number of optimizer steps.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise InvalidSettingsError(f"seed={self.seed!r} must be a non-negative integer.")
+        from .projection import PROJECTIONS
+
+        if self.projection not in PROJECTIONS:
+            raise InvalidSettingsError(f"projection={self.projection!r} is unknown; use one of {', '.join(PROJECTIONS)}.")
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `wrap` compressed and what it saves. Prints as a table; `save`/`load` round-trip it exactly."""
+
+    layers: tuple[LayerPlan, ...]
+    projection: str = "stiefel"
+    refresh_every: int = 25
+    seed: int = 0
+    share_inputs: bool = True
+    stochastic_rounding: bool = True
+    skipped: tuple[tuple[str, str], ...] = ()  # (module name, why it was left exact)
+    model_class: str = ""
+    # filled by the planner when the plan came from a memory budget
+    budget_bytes: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    dtype: str | None = None
+    gradient_checkpointing: bool = False
+    chunked_cross_entropy: bool = False
+    memory: tuple[tuple[str, int], ...] = ()  # named parts of the predicted peak, bytes
+    notes: tuple[str, ...] = field(default=())
+
+    # ---- derived numbers -------------------------------------------------------------------------
+    @property
+    def linear_layers(self) -> tuple[LayerPlan, ...]:
+        return tuple(lp for lp in self.layers if lp.kind == "linear")
+
+    @property
+    def expert_layers(self) -> tuple[LayerPlan, ...]:
+        return tuple(lp for lp in self.layers if lp.kind == "experts")
+
+    def grad_bytes(self, compressed: bool = True, grad_dtype_bytes: int = 4) -> int:
+        """Bytes of the weight gradients of the wrapped layers (coords when compressed, full weights otherwise)."""
+        return sum((lp.coords_numel if compressed else lp.weight_numel) * grad_dtype_bytes for lp in self.layers)
+
+    def layer(self, name: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(name)
+
+    # ---- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format_version"] = PLAN_FORMAT_VERSION
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        data = dict(data)
+        version = data.pop("format_version", PLAN_FORMAT_VERSION)
+        if version != PLAN_FORMAT_VERSION:
+            raise PlanMismatchError(f"plan format {version} is not {PLAN_FORMAT_VERSION}; re-create it with `memwrap plan ... --save`.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise PlanMismatchError(f"plan has unknown fields {sorted(unknown)}; was it written by a newer memwrap?")
+        try:
+            data["layers"] = tuple(LayerPlan(**lp) for lp in data.get("layers", ()))
+        except TypeError as e:
+            raise PlanMismatchError(f"plan has a malformed layer entry ({e}); re-create it with `memwrap plan ... --save`.") from e
+        data["skipped"] = tuple(tuple(s) for s in data.get("skipped", ()))
+        data["memory"] = tuple((str(k), int(v)) for k, v in data.get("memory", ()))
+        data["notes"] = tuple(data.get("notes", ()))
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise PlanMismatchError(f"plan file is not valid JSON ({e}).") from e
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON atomically (temp file + rename)."""
+        from .io import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(f.read())
+        except FileNotFoundError as e:
+            raise PlanMismatchError(f"plan file {os.fspath(path)!r} does not exist.") from e
+
+    # ---- display ---------------------------------------------------------------------------------
+    def table(self, tokens: int | None = None) -> str:
+        """A text table: one row per compressed weight, then totals. `tokens` scales saved-input bytes."""
+        tokens = tokens or ((self.batch_size or 1) * (self.seq_len or 1) if self.batch_size else None)
+        head = f"{'layer':<48} {'kind':<7} {'E':>3} {'n×m':>12} {'c':>4} {'r':>4} {'keep':>7} {'grad saved':>11}"
+        if tokens:
+            head += f" {'act saved':>11}"
+        lines = [head, "-" * len(head)]
+        total_grad = total_act = 0
+        for lp in self.layers:
+            grad_saved = (lp.weight_numel - lp.coords_numel) * 4
+            total_grad += grad_saved
+            row = (f"{lp.name[-48:]:<48} {lp.kind:<7} {lp.num_experts:>3} {f'{lp.out_features}×{lp.in_features}':>12} "
+                   f"{lp.c:>4} {lp.r:>4} {lp.compression:>7.2%} {_fmt_bytes(grad_saved):>11}")
+            if tokens:
+                act = (lp.saved_input_bytes_per_token(False) - lp.saved_input_bytes_per_token(True)) * tokens
+                total_act += act
+                row += f" {_fmt_bytes(act):>11}"
+            lines.append(row)
+        lines.append("-" * len(head))
+        summary = (f"{len(self.linear_layers)} linear + {len(self.expert_layers)} expert weights compressed; "
+                   f"gradient bytes {_fmt_bytes(self.grad_bytes(False))} -> {_fmt_bytes(self.grad_bytes(True))}")
+        if tokens:
+            summary += f"; saved inputs {_fmt_bytes(total_act)} smaller at {tokens} tokens (before sharing)"
+        lines.append(summary)
+        if self.skipped:
+            lines.append(f"left exact: {len(self.skipped)} — " + "; ".join(f"{n} ({why})" for n, why in self.skipped[:8])
+                         + (" ..." if len(self.skipped) > 8 else ""))
+        if self.memory:
+            lines.append("predicted peak: " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in self.memory))
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()

@@ -1,0 +1,1 @@
+"""Bundled model configs for offline planning (config.json files of popular models)."""

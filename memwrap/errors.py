@@ -1,0 +1,40 @@
+"""Exceptions a user can cause. Every message says what to do about it."""
+
+from __future__ import annotations
+
+
+class MemwrapError(Exception):
+    """Base class of every error memwrap raises on purpose."""
+
+
+class InvalidSettingsError(MemwrapError, ValueError):
+    """A setting (rank, granularity, budget, ...) is out of range or inconsistent with the model."""
+
+
+class NoTargetsError(MemwrapError, ValueError):
+    """No layer of the model matched what `wrap` was asked to compress."""
+
+
+class AlreadyWrappedError(MemwrapError, RuntimeError):
+    """`wrap` was called on a model that memwrap already wrapped."""
+
+
+class NotWrappedError(MemwrapError, RuntimeError):
+    """An operation that needs a wrapped model got an unwrapped one."""
+
+
+class UnsupportedArchitectureError(MemwrapError, ValueError):
+    """The model has a layer layout memwrap does not know how to compress."""
+
+
+class BudgetTooSmallError(MemwrapError, ValueError):
+    """Nothing fits the memory budget; the message names the smallest budget and the largest batch that fit."""
+
+    def __init__(self, message: str, *, min_budget_bytes: int | None = None, max_batch_size: int | None = None):
+        super().__init__(message)
+        self.min_budget_bytes = min_budget_bytes
+        self.max_batch_size = max_batch_size
+
+
+class PlanMismatchError(MemwrapError, ValueError):
+    """A saved plan does not describe the model it is applied to."""

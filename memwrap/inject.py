@@ -1,0 +1,223 @@
+"""Find the layers to compress, check everything, then swap modules. Nothing is mutated until all checks pass."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import merge
+from .config import LayerPlan, Plan, WrapConfig
+from .errors import (
+    AlreadyWrappedError,
+    InvalidSettingsError,
+    NoTargetsError,
+    NotWrappedError,
+    PlanMismatchError,
+)
+from .layers import CompressedLinear, InputGroup
+
+STATE_ATTR = "_memwrap_state"
+QUANT_MARKERS = ("4bit", "8bit", "int8", "int4", "fp8", "quant", "qlinear", "gptq", "awq")
+
+
+@dataclass
+class Candidate:
+    """A weight memwrap can compress: a linear layer, or one fused expert parameter of E experts."""
+
+    name: str
+    module: nn.Module
+    in_features: int  # m
+    out_features: int  # n
+    group_key: str
+    dtype: torch.dtype
+    kind: str = "linear"  # "linear" | "experts"
+    num_experts: int = 1
+
+
+def name_matches(name: str, patterns) -> bool:
+    """A pattern matches a qualified name as a glob, as the last name component(s), or as a substring."""
+    for pat in patterns:
+        if fnmatch.fnmatchcase(name, pat) or name == pat or name.endswith("." + pat) or (pat in name and "*" not in pat):
+            return True
+    return False
+
+
+def tied_parameter_ids(model: nn.Module) -> set[int]:
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return {pid for pid, k in counts.items() if k > 1}
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None or any(
+        isinstance(m, CompressedLinear) for m in model.modules())
+
+
+def find_targets(model: nn.Module, config: WrapConfig, adapter) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """(candidates, skipped) for plain nn.Linear layers; skipped holds (name, reason) for linears left exact."""
+    tied = tied_parameter_ids(model)
+    out: list[Candidate] = []
+    skipped: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if config.exclude and name_matches(name, config.exclude):
+            continue
+        if config.targets is not None and not name_matches(name, config.targets):
+            continue
+        cls = type(module).__name__
+        weight = getattr(module, "weight", None)
+        if weight is None or not isinstance(weight, torch.Tensor):
+            skipped.append((name, f"{cls} has no weight tensor"))
+        elif any(mark in cls.lower() for mark in QUANT_MARKERS) or not weight.is_floating_point() \
+                or hasattr(weight, "quant_state") or weight.dtype.itemsize < 2:
+            skipped.append((name, f"quantized ({cls}, {weight.dtype}); train it with a quantization-aware method"))
+        elif type(module) is not nn.Linear:
+            skipped.append((name, f"{cls} subclasses nn.Linear with its own forward; left exact"))
+        elif not weight.requires_grad:
+            skipped.append((name, "weight is frozen (requires_grad=False)"))
+        elif id(weight) in tied:
+            skipped.append((name, "weight is tied to another module (e.g. embeddings)"))
+        elif weight.device.type == "meta":
+            skipped.append((name, "weight is on the meta device; load the weights first"))
+        else:
+            out.append(Candidate(name, module, module.in_features, module.out_features,
+                                 adapter.sibling_key(name, module), weight.dtype))
+    return out, skipped
+
+
+def settings_for(cand: Candidate, rank: int, granularity: int) -> tuple[int, int]:
+    """Check (c, r) against one layer; InvalidSettingsError saying what would work."""
+    m = cand.in_features
+    if m % granularity:
+        divisors = [k for k in range(1, min(m, 64) + 1) if m % k == 0]
+        raise InvalidSettingsError(
+            f"granularity {granularity} does not divide in_features={m} of {cand.name!r}; "
+            f"use a divisor of every target's in_features (for this layer: {divisors}), or leave granularity=None.")
+    d = m // granularity
+    if rank > d:
+        raise InvalidSettingsError(
+            f"rank {rank} exceeds the block width d = in_features / granularity = {m}/{granularity} = {d} of "
+            f"{cand.name!r}; use rank <= {d} or a smaller granularity.")
+    return granularity, rank
+
+
+def fallback_settings(m: int) -> tuple[int, int]:
+    """Settings without a planner: c·r ≈ m/64 (saved inputs and gradients at ~1.6%), r between 4 and 16."""
+    target = max(4, m // 64)
+    best = (1, min(m, target))
+    for c in sorted(k for k in range(1, m + 1) if m % k == 0):
+        r = target // c
+        if 4 <= r <= 16 and r <= m // c:
+            best = (c, r)
+            if r <= 8:
+                break
+    return best
+
+
+def build_plan(model: nn.Module, config: WrapConfig, candidates: list[Candidate], skipped, dtype_bytes: int,
+               choose=None) -> Plan:
+    """Assign (c, r) per candidate: explicit rank/granularity, `choose(candidate)`, or the fallback."""
+    layers = []
+    for cand in candidates:
+        if config.rank is not None or config.granularity is not None:
+            c = config.granularity if config.granularity is not None else 1  # rank alone: whole rows (c = 1)
+            r = config.rank if config.rank is not None else min(8, cand.in_features // c)
+            c, r = settings_for(cand, r, c)
+        elif choose is not None:
+            c, r = choose(cand)
+        else:
+            c, r = fallback_settings(cand.in_features)
+        layers.append(LayerPlan(name=cand.name, kind=cand.kind, in_features=cand.in_features,
+                                out_features=cand.out_features, c=c, r=r, num_experts=cand.num_experts,
+                                group=cand.group_key, dtype_bytes=dtype_bytes))
+    return Plan(layers=tuple(layers), projection=config.projection, refresh_every=config.refresh_every,
+                seed=config.seed, share_inputs=config.share_inputs, stochastic_rounding=config.stochastic_rounding,
+                skipped=tuple(skipped), model_class=type(model).__name__)
+
+
+def check_plan_against_model(model: nn.Module, plan: Plan) -> None:
+    """PlanMismatchError unless every planned linear exists with the planned shape."""
+    modules = dict(model.named_modules())
+    for lp in plan.linear_layers:
+        mod = modules.get(lp.name)
+        if mod is None:
+            raise PlanMismatchError(f"plan names layer {lp.name!r}, which this model ({type(model).__name__}) does not have; "
+                                    f"the plan was made for {plan.model_class or 'another model'}.")
+        if type(mod) is not nn.Linear or (mod.in_features, mod.out_features) != (lp.in_features, lp.out_features):
+            raise PlanMismatchError(f"plan expects {lp.name!r} to be a Linear {lp.out_features}×{lp.in_features}, "
+                                    f"found {mod!r}; make the plan for this model.")
+        if lp.in_features % lp.c or not 1 <= lp.r <= lp.in_features // lp.c:
+            raise PlanMismatchError(f"plan entry {lp.name!r} has c={lp.c}, r={lp.r}, invalid for in_features={lp.in_features}.")
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> list[CompressedLinear]:
+    """Build every CompressedLinear, then swap them in (the only mutation)."""
+    modules = dict(model.named_modules())
+    groups: dict[tuple, InputGroup] = {}
+    built: list[tuple[str, CompressedLinear]] = []
+    for lp in plan.linear_layers:
+        key = (lp.group if plan.share_inputs and lp.group else lp.name, lp.in_features, lp.c, lp.r)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = InputGroup(key[0], lp.in_features, lp.c, lp.r, plan.projection, plan.seed)
+        built.append((lp.name, CompressedLinear(modules[lp.name], lp.name, lp.c, lp.r, group,
+                                                refresh_every=plan.refresh_every,
+                                                stochastic_rounding=plan.stochastic_rounding)))
+    for name, new in built:
+        set_submodule(model, name, new)
+        new.weight.requires_grad_(False)
+        merge.register(new)
+    return [m for _, m in built]
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def restore_all(model: nn.Module) -> int:
+    """Put every original nn.Linear back, with the current (merged) weight and bias. Returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, CompressedLinear):
+            continue
+        with torch.no_grad():
+            pending = module.coords.detach()
+            if torch.count_nonzero(pending):
+                module.merge(pending, 1.0, 0)
+        base = module._memwrap_base
+        base.weight = module.weight
+        base.bias = module.bias
+        base.weight.requires_grad_(module._weight_requires_grad)
+        merge.unregister(module)
+        set_submodule(model, name, base)
+        count += 1
+    return count
+
+
+def require_wrapped(model: nn.Module):
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise NotWrappedError(f"{type(model).__name__} is not wrapped by memwrap; call memwrap.wrap(model) first.")
+    return state
+
+
+def require_unwrapped(model: nn.Module) -> None:
+    if is_wrapped(model):
+        raise AlreadyWrappedError(
+            f"{type(model).__name__} is already wrapped by memwrap; call memwrap.unwrap(model) before wrapping it again.")
+
+
+def no_targets_error(model: nn.Module, config: WrapConfig, skipped) -> NoTargetsError:
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    msg = (f"no layer of {type(model).__name__} matched: {n_linear} nn.Linear modules found, "
+           f"targets={list(config.targets) if config.targets is not None else 'all'}, exclude={list(config.exclude)}.")
+    if skipped:
+        msg += " Left exact: " + "; ".join(f"{n} ({why})" for n, why in skipped[:5]) + "."
+    msg += " Pass targets= with names that exist (e.g. 'q_proj' or 'layers.*.mlp.*') or check that the model has float linear layers."
+    return NoTargetsError(msg)

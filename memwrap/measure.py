@@ -1,0 +1,62 @@
+"""Byte accounting used by tests and benchmarks: saved activations, gradients, optimizer state."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SavedTensorMeter:
+    """Counts the bytes autograd saves for backward inside the context (each storage counted once).
+
+    Parameters and buffers saved by reference are excluded: they exist anyway. Tensors that share a storage
+    (views, or one x̃ saved by several sibling layers) are counted once, as the allocator holds them once.
+    """
+
+    def __init__(self, model: nn.Module | None = None):
+        self._exclude = set()
+        if model is not None:
+            self._exclude = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
+                             if t.device.type != "meta"}
+        self._storages: dict[int, int] = {}
+        self._ctx = None
+
+    def _pack(self, t: torch.Tensor):
+        if t.device.type != "meta":
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in self._exclude and ptr != 0:
+                self._storages[ptr] = max(self._storages.get(ptr, 0), st.nbytes())
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def grad_bytes(model: nn.Module) -> int:
+    """Bytes of the gradients the model's trainable parameters will hold (numel × dtype of the parameter)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
+    """Bytes of optimizer state tensors (all params, or only those in `params`)."""
+    ids = None if params is None else {id(p) for p in params}
+    total = 0
+    for p, state in optimizer.state.items():
+        if ids is not None and id(p) not in ids:
+            continue
+        total += tensor_bytes(v for k, v in state.items() if isinstance(v, torch.Tensor) and v.ndim > 0)
+    return total

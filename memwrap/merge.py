@@ -1,0 +1,89 @@
+"""After every optimizer step: W ← W·(1 − lr·wd) + lift(coords), coords ← 0, P refreshed every τ steps.
+
+Any torch.optim.Optimizer that holds `coords` gets this through one optimizer step post-hook. It is
+registered when the first model is wrapped and removed when the last wrapped layer is unwrapped, so
+importing memwrap changes nothing and an unwrapped process carries no hook. Optimizers that do the merge
+themselves (memwrap's own) set `memwrap_owns_merge = True` and are skipped.
+
+The step count that drives refreshes lives in the optimizer's own state (`state[coords]["memwrap_step"]`,
+a plain int), so `optimizer.load_state_dict` restores it and a resumed run regenerates the same P.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .layers import local
+
+_LAYERS: weakref.WeakSet = weakref.WeakSet()  # every live compressed module (linear or experts)
+_HOOK = None
+MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")  # first-moment states carried into a refreshed subspace
+
+
+def register(module) -> None:
+    global _HOOK
+    _LAYERS.add(module)
+    if _HOOK is None:
+        _HOOK = register_optimizer_step_post_hook(_after_step)
+
+
+def unregister(module) -> None:
+    global _HOOK
+    _LAYERS.discard(module)
+    if not len(_LAYERS) and _HOOK is not None:
+        _HOOK.remove()
+        _HOOK = None
+
+
+def hook_installed() -> bool:
+    return _HOOK is not None
+
+
+def layers_by_coords() -> dict[int, object]:
+    """id(coords parameter) -> module, rebuilt on each call (FSDP2 replaces parameters with DTensors)."""
+    return {id(m.coords): m for m in list(_LAYERS)}
+
+
+def advance(module, step: int) -> torch.Tensor | None:
+    """Move a module to the refresh index of `step` completed steps; the r × r transfer if P changed."""
+    new_index = step // module.refresh_every
+    if new_index == module.refresh_index:
+        return None
+    t = module.group.transfer(module.refresh_index, new_index)
+    module.refresh_index = new_index
+    module.group.refresh_index = max(module.group.refresh_index, new_index)
+    return t
+
+
+def carry(state_tensor: torch.Tensor, t: torch.Tensor) -> None:
+    """In place: subspace coordinates (…, r) under the old P -> the nearest ones under the new P."""
+    s = local(state_tensor)
+    s.copy_((s.float() @ t.to(s.device)).to(s.dtype))
+
+
+@torch.no_grad()
+def _after_step(optimizer, args, kwargs) -> None:
+    if getattr(optimizer, "memwrap_owns_merge", False) or not len(_LAYERS):
+        return
+    by_id = layers_by_coords()
+    for group in optimizer.param_groups:
+        lr = float(group.get("lr", 0.0))
+        decay = 1.0 - lr * float(group.get("weight_decay", 0.0) or 0.0)
+        for p in group["params"]:
+            module = by_id.get(id(p))
+            if module is None:
+                continue
+            state = optimizer.state[p]
+            step = int(state.get("memwrap_step", 0)) + 1
+            state["memwrap_step"] = step
+            module.merge(p.detach(), decay, step)
+            local(p).zero_()
+            t = advance(module, step)
+            if t is not None:
+                for key in MOMENTUM_KEYS:
+                    value = state.get(key)
+                    if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                        carry(value, t)

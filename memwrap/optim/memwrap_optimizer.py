@@ -1,0 +1,174 @@
+"""ProjFactor / subspace AdamW for compressed layers, AdamW for every other trainable parameter.
+
+The class does the bookkeeping; the `_projfactor_update`, `_subspace_adamw_update` and `_adamw_step`
+functions do the math. State holds only tensors (`torch.load(..., weights_only=True)` restores it).
+
+Wrapped layers (G_s = coords.grad, shape (…, n, c, r); Ĝ = lift(G_s), shape (…, n, m)):
+  ProjFactor      exp_avg (…, n, c, r) in the subspace; second moment of Ĝ² as rank-1 row (…, n) and
+                  column (…, m) factors (Adafactor-style); update lift(m̂) / sqrt(v̂) written straight into W.
+  subspace AdamW  exp_avg and exp_avg_sq (…, n, c, r) in the subspace; update lift(m̂ / sqrt(v̂)).
+On a refresh of P the first moment is carried into the new subspace (m ← m · Q_oldᵀ Q_new); second
+moments are kept.
+
+error_feedback=True adds, per wrapped weight, `residual` (…, n, m) in float32 — 4 bytes per weight
+element, as much as an fp32 gradient of that weight. It accumulates exactly what a refresh of P drops from
+the first moment: at a refresh, total = lift_old(m) + residual, m ← the least-squares coordinates of total
+under the new P, residual ← total − lift_new(m). Nothing else is dropped between refreshes (the moment lives
+in the subspace), so this is the whole approximation error of the optimizer state, re-injected as soon as a
+later subspace can represent it. The gradient's own projection error cannot be accumulated: it would need
+the full input x, which memwrap never stores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import merge
+from ..errors import InvalidSettingsError
+from ..layers import local
+
+OPTIMIZER_KINDS = ("projfactor", "adamw")
+
+
+def _check_hparams(lr, betas, eps, weight_decay, kind):
+    def bad(x):
+        return not isinstance(x, int | float) or isinstance(x, bool) or math.isnan(x) or x < 0
+
+    if bad(lr):
+        raise InvalidSettingsError(f"lr={lr!r} must be a non-negative number.")
+    if bad(eps) or bad(weight_decay):
+        raise InvalidSettingsError(f"eps={eps!r} and weight_decay={weight_decay!r} must be non-negative numbers.")
+    if len(betas) != 2 or any(bad(b) or b >= 1 for b in betas):
+        raise InvalidSettingsError(f"betas={betas!r} must be two numbers in [0, 1).")
+    if kind not in OPTIMIZER_KINDS:
+        raise InvalidSettingsError(f"kind={kind!r} is unknown; use one of {', '.join(OPTIMIZER_KINDS)}.")
+
+
+def _adamw_step(p, g, state, lr, beta1, beta2, eps, wd):
+    """torch.optim.AdamW's single-tensor math."""
+    step = state["step"].add_(1).item()
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    p.mul_(1 - lr * wd)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+
+
+def _subspace_adamw_update(module, g, state, lr, beta1, beta2, eps, step) -> torch.Tensor:
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    u = exp_avg / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)  # (…, n, c, r)
+    return module.lifted(u.mul_(-lr / bc1))
+
+
+def _projfactor_update(module, g, state, lr, beta1, beta2, eps, step) -> torch.Tensor:
+    exp_avg, row, col = state["exp_avg"], state["v_row"], state["v_col"]
+    exp_avg.lerp_(g, 1 - beta1)
+    sq = module.lifted(g).square_().add_(1e-30)  # Ĝ², (…, n, m)
+    row.mul_(beta2).add_(sq.mean(-1), alpha=1 - beta2)  # (…, n)
+    col.mul_(beta2).add_(sq.mean(-2), alpha=1 - beta2)  # (…, m)
+    del sq
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    v = (row / row.mean(-1, keepdim=True)).unsqueeze(-1) * col.unsqueeze(-2)  # rank-1 v̂, (…, n, m)
+    denom = v.div_(bc2).sqrt_().add_(eps)
+    return module.lifted(exp_avg).div_(denom).mul_(-lr / bc1)
+
+
+class MemwrapOptimizer(torch.optim.Optimizer):
+    """One optimizer over all trainable parameters of a wrapped model (see the module docstring)."""
+
+    memwrap_owns_merge = True  # memwrap.merge's generic hook leaves these steps alone
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, kind="projfactor",
+                 error_feedback=False):
+        _check_hparams(lr, betas, eps, weight_decay, kind)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, kind=kind,
+                        error_feedback=bool(error_feedback), compressed=False)
+        super().__init__(params, defaults)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, *, lr, kind, betas, eps, weight_decay, error_feedback, no_decay):
+        compressed = [m for m in model.modules() if m in merge._LAYERS]
+        coords_ids = {id(m.coords) for m in compressed}
+        decay, plain = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad or id(p) in coords_ids:
+                continue
+            low = name.lower()
+            (plain if p.ndim < 2 or any(k in low for k in no_decay) else decay).append(p)
+        groups = [{"params": [m.coords for m in compressed], "compressed": True}]
+        if decay:
+            groups.append({"params": decay})
+        if plain:
+            groups.append({"params": plain, "weight_decay": 0.0})
+        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, kind=kind,
+                   error_feedback=error_feedback)
+
+    def _init_compressed_state(self, module, p, group):
+        state = self.state[p]
+        c = local(p)
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(c, dtype=torch.float32)
+        lead, n, m = c.shape[:-3], c.shape[-3], module.lifted(c[..., :1, :, :]).shape[-1]
+        if group["kind"] == "adamw":
+            state["exp_avg_sq"] = torch.zeros_like(c, dtype=torch.float32)
+        else:
+            state["v_row"] = torch.zeros(*lead, n, device=c.device)
+            state["v_col"] = torch.zeros(*lead, m, device=c.device)
+        if group["error_feedback"]:
+            state["residual"] = torch.zeros(*lead, n, m, device=c.device)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        by_id = merge.layers_by_coords()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                module = by_id.get(id(p)) if group["compressed"] else None
+                if module is None:
+                    state = self.state[p]
+                    if not state:
+                        state["step"] = torch.zeros((), dtype=torch.float32)
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    _adamw_step(p, p.grad, state, lr, beta1, beta2, eps, wd)
+                    continue
+                if not self.state[p]:
+                    self._init_compressed_state(module, p, group)
+                state = self.state[p]
+                g = local(p.grad).float()
+                step = int(state["step"].add_(1).item())
+                update = (_subspace_adamw_update if group["kind"] == "adamw" else _projfactor_update)(
+                    module, g, state, lr, beta1, beta2, eps, step)
+                module.apply_delta(update, 1.0 - lr * wd, step)
+                self._refresh(module, state, step, group)
+        return loss
+
+    def _refresh(self, module, state, step, group):
+        old_index = module.refresh_index
+        t = merge.advance(module, step)
+        if t is None:
+            return
+        if not group["error_feedback"]:
+            merge.carry(state["exp_avg"], t)
+            return
+        total = module.lifted(state["exp_avg"], index=old_index).add_(state["residual"])  # (…, n, m)
+        p_new = module.group.projection(module.refresh_index, device=total.device)
+        c = state["exp_avg"].shape[-2]
+        blocks = total.reshape(*total.shape[:-1], c, -1)  # (…, n, c, d)
+        coords = blocks @ p_new @ torch.linalg.inv(p_new.T @ p_new)  # least squares, (…, n, c, r)
+        state["exp_avg"].copy_(coords)
+        state["residual"].copy_(total - module.lifted(coords))
