@@ -8,7 +8,7 @@
 Importing memwrap changes nothing outside this package.
 """
 
-from .api import get_plan, optimizer, unwrap, wrap
+from .api import get_plan, optimizer, sync, unwrap, wrap
 from .config import LayerPlan, Plan, WrapConfig
 from .errors import (
     AlreadyWrappedError,
@@ -24,7 +24,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "wrap", "unwrap", "optimizer", "get_plan", "Plan", "LayerPlan", "WrapConfig",
+    "wrap", "unwrap", "optimizer", "sync", "get_plan", "Plan", "LayerPlan", "WrapConfig",
     "MemwrapError", "InvalidSettingsError", "NoTargetsError", "AlreadyWrappedError", "NotWrappedError",
     "UnsupportedArchitectureError", "BudgetTooSmallError", "PlanMismatchError",
 ]

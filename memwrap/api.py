@@ -94,6 +94,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def sync(optimizer: torch.optim.Optimizer) -> int:
+    """After `optimizer.load_state_dict(...)` with a non-memwrap optimizer: restore each layer's projection index.
+
+    Makes a resumed run bit-identical to an uninterrupted one (memwrap.optimizer does this by itself).
+    """
+    from . import merge
+
+    return merge.sync(optimizer)
+
+
 def get_plan(model: nn.Module) -> Plan:
     """The Plan a wrapped model was wrapped with."""
     return inject.require_wrapped(model).plan

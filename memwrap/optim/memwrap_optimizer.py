@@ -125,6 +125,11 @@ class MemwrapOptimizer(torch.optim.Optimizer):
         if group["error_feedback"]:
             state["residual"] = torch.zeros(*lead, n, m, device=c.device)
 
+    def load_state_dict(self, state_dict) -> None:
+        """Restore state and move every compressed module to the refresh index of the restored step count."""
+        super().load_state_dict(state_dict)
+        merge.sync(self)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
