@@ -39,9 +39,12 @@ class Candidate:
 
 
 def name_matches(name: str, patterns) -> bool:
-    """A pattern matches a qualified name as a glob, as the last name component(s), or as a substring."""
+    """A pattern matches a qualified name as a glob (of the whole name or of its tail), or as a substring."""
     for pat in patterns:
-        if fnmatch.fnmatchcase(name, pat) or name == pat or name.endswith("." + pat) or (pat in name and "*" not in pat):
+        if any(ch in pat for ch in "*?["):
+            if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, "*." + pat):
+                return True
+        elif pat in name:
             return True
     return False
 
