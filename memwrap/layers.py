@@ -169,6 +169,8 @@ class CompressedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.coords.requires_grad):
             return F.linear(x, self.weight, self.bias)
+        if self not in merge._LAYERS:  # a deepcopy or an unpickled copy: make its optimizer steps merge too
+            merge.register(self)
         cdt = compute_dtype(x)
         x_tilde = self.group.compress(x, cdt)
         return _CompressedLinearFn.apply(x, self.weight, self.bias, self.coords, x_tilde, cdt)
@@ -193,6 +195,9 @@ class CompressedLinear(nn.Module):
     def merge(self, delta_coords: torch.Tensor, decay: float, step: int) -> None:
         """W ← W·decay + lift(delta_coords)."""
         self.apply_delta(self.lifted(delta_coords), decay, step)
+
+
+from . import merge  # noqa: E402  (merge imports `local` from this module)
 
 
 def _drop_coords(module, state_dict, prefix, local_metadata):

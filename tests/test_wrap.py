@@ -48,11 +48,32 @@ def test_wrap_unwrap_roundtrip_is_bit_exact_and_restores_modules():
     assert [id(p) for p in model.parameters()] == ids
     assert [type(m) for m in model.modules()] == classes
     assert all(p.requires_grad for p in model.parameters())
-    del model
-    import gc
+    assert not any(m in merge._LAYERS for m in model.modules())
 
-    gc.collect()
-    assert not merge.hook_installed() or len(merge._LAYERS) > 0
+
+def test_optimizer_hooks_are_removed_when_the_last_model_is_unwrapped():
+    code = ("import torch.optim.optimizer as o, memwrap, torch; m = torch.nn.Sequential(torch.nn.Linear(8, 8)); "
+            "memwrap.wrap(m, rank=2, granularity=2); a = len(o._global_optimizer_post_hooks); memwrap.unwrap(m); "
+            "print(a, len(o._global_optimizer_post_hooks), len(o._global_optimizer_pre_hooks))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1", "0", "0"], out.stderr
+
+
+def test_deepcopy_of_a_wrapped_model_trains_like_the_original():
+    import copy
+
+    a = tiny_llama()
+    memwrap.wrap(a, rank=4, granularity=2)
+    b = copy.deepcopy(a)
+    ids = token_batch()
+    for m in (a, b):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        for _ in range(2):
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert state_equal(a.state_dict(), b.state_dict())
+    assert all(torch.count_nonzero(m.coords) == 0 for m in b.modules() if isinstance(m, CompressedLinear))
 
 
 def test_unwrap_after_training_keeps_the_trained_weights_and_logits():
