@@ -71,7 +71,8 @@ class InputGroup:
                 return x_tilde
         with torch.no_grad():
             p = self.projection(device=x.device, dtype=dtype)
-            x_tilde = x.detach().to(dtype).reshape(-1, self.c, self.d) @ p  # (N, c, d) @ (d, r) -> (N, c, r)
+            x2 = x.detach().to(dtype).reshape(-1, self.d)  # (N·c, d): every block of every token, one GEMM
+            x_tilde = (x2 @ p).reshape(-1, self.c, self.r)  # (N, c, r)
         self._x_cache = (weakref.ref(x), x._version, dtype, weakref.ref(x_tilde))
         return x_tilde
 
