@@ -13,6 +13,7 @@ from .config import LayerPlan, Plan, WrapConfig
 from .errors import (
     AlreadyWrappedError,
     BudgetTooSmallError,
+    CheckpointError,
     InvalidSettingsError,
     MemwrapError,
     NoTargetsError,
@@ -20,6 +21,7 @@ from .errors import (
     PlanMismatchError,
     UnsupportedArchitectureError,
 )
+from .io import load, load_optimizer, load_plan, save
 
 __version__ = "0.1.0"
 
@@ -27,4 +29,5 @@ __all__ = [
     "wrap", "unwrap", "optimizer", "sync", "get_plan", "Plan", "LayerPlan", "WrapConfig",
     "MemwrapError", "InvalidSettingsError", "NoTargetsError", "AlreadyWrappedError", "NotWrappedError",
     "UnsupportedArchitectureError", "BudgetTooSmallError", "PlanMismatchError",
+    "save", "load", "load_optimizer", "load_plan", "CheckpointError",
 ]

@@ -38,3 +38,7 @@ class BudgetTooSmallError(MemwrapError, ValueError):
 
 class PlanMismatchError(MemwrapError, ValueError):
     """A saved plan does not describe the model it is applied to."""
+
+
+class CheckpointError(MemwrapError, ValueError):
+    """A checkpoint directory is missing a file or does not match the model it is loaded into."""

@@ -1,9 +1,31 @@
-"""Atomic file writes and checkpoint helpers."""
+"""Atomic file writes and checkpoints: `save` a wrapped model (and its optimizer), `load` it back and re-wrap.
+
+A checkpoint directory holds plain files any tool can read:
+
+    model.safetensors (+ config.json ... for a transformers model)   weights, the original model's keys
+    memwrap_plan.json                                                the Plan; `wrap(model, plan=...)` reapplies it
+    optimizer.pt                                                     optimizer.state_dict(), tensors and numbers only
+
+`save` writes the whole directory beside the target (`<dir>.tmp-*`) and swaps it in with renames, so a crash at
+any point leaves the previous checkpoint loadable: either `<dir>` is complete, or the rename was interrupted and
+`<dir>.old` holds the previous one, which `load` (and the next `save`) put back.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import tempfile
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, InvalidSettingsError
+
+PLAN_NAME = "memwrap_plan.json"
+WEIGHTS_NAME = "model.safetensors"
+OPTIMIZER_NAME = "optimizer.pt"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -25,3 +47,164 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _stage(name: str) -> None:
+    """Called between the steps of `save`; the crash tests replace it to kill the process at each point."""
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def recover(directory: str | os.PathLike) -> None:
+    """Finish or undo a swap a crash interrupted, and remove leftovers of unfinished saves."""
+    final = os.path.abspath(os.fspath(directory))
+    old = final + ".old"
+    if os.path.isdir(old):
+        if os.path.isdir(final):
+            shutil.rmtree(old)  # the new checkpoint was in place; only the cleanup was missed
+        else:
+            os.rename(old, final)  # crashed between the two renames: the previous checkpoint comes back
+    parent, base = os.path.split(final)
+    if os.path.isdir(parent):
+        for name in os.listdir(parent):
+            if name.startswith(base + ".tmp-"):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _write_weights(model: nn.Module, directory: str) -> None:
+    if hasattr(model, "save_pretrained"):  # transformers: config.json too, so from_pretrained reads it
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    from safetensors.torch import save_model
+
+    save_model(model, os.path.join(directory, WEIGHTS_NAME))
+
+
+def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None) -> str:
+    """Save weights (safetensors, the original keys), the plan (JSON) and optionally the optimizer, atomically.
+
+    The directory is replaced as a whole; a crash mid-save leaves the previous checkpoint loadable by `load`.
+    """
+    from .inject import require_wrapped
+
+    plan = require_wrapped(model).plan
+    final = os.path.abspath(os.fspath(directory))
+    if os.path.isfile(final):
+        raise InvalidSettingsError(f"{final!r} is a file; memwrap.save needs a directory path.")
+    recover(final)
+    if os.path.isdir(final) and os.listdir(final) and not os.path.exists(os.path.join(final, PLAN_NAME)):
+        raise InvalidSettingsError(f"{final!r} is a non-empty directory that memwrap.save did not write; memwrap.save replaces "
+                                   "the whole directory, so pass a new or empty directory.")
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
+    try:
+        _write_weights(model, tmp)
+        _stage("weights")
+        plan.save(os.path.join(tmp, PLAN_NAME))
+        if optimizer is not None:
+            buffer = io.BytesIO()
+            torch.save(optimizer.state_dict(), buffer)
+            atomic_write_bytes(os.path.join(tmp, OPTIMIZER_NAME), buffer.getvalue())
+        _stage("optimizer")
+        _fsync_tree(tmp)
+        old = final + ".old"
+        if os.path.isdir(final):
+            os.rename(final, old)
+        _stage("between-renames")
+        os.rename(tmp, final)
+        _fsync_dir(parent)
+        _stage("renamed")
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_plan(directory: str | os.PathLike):
+    """The Plan saved in a checkpoint directory."""
+    from .config import Plan
+
+    recover(directory)
+    return Plan.load(os.path.join(os.fspath(directory), PLAN_NAME))
+
+
+def _read_weights(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.exists(single):
+        return load_file(single)
+    shards = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    if not shards:
+        raise CheckpointError(f"no .safetensors weights in {directory!r}; was it written by memwrap.save or save_pretrained?")
+    state: dict[str, torch.Tensor] = {}
+    for name in shards:
+        state.update(load_file(os.path.join(directory, name)))
+    return state
+
+
+def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
+    """Load a checkpoint's weights into `model` and wrap it with the saved plan (if it is not wrapped yet).
+
+    Returns the Plan. Then build the optimizer over the wrapped model and call `load_optimizer(optimizer, directory)`.
+    """
+    from .api import wrap
+    from .inject import check_plan_against_model, is_wrapped
+
+    directory = os.path.abspath(os.fspath(directory))
+    plan = load_plan(directory)
+    state = _read_weights(directory)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not _is_tied_duplicate(model, k, state)]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+             if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"checkpoint {directory!r} does not match {type(model).__name__}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}; load it into the model (class and "
+                              "config) it was saved from.")
+    if not is_wrapped(model):
+        check_plan_against_model(model, plan)
+    model.load_state_dict(state, strict=False)
+    if not is_wrapped(model):
+        wrap(model, plan=plan, **wrap_kwargs)
+    return plan
+
+
+def _is_tied_duplicate(model: nn.Module, key: str, state: dict) -> bool:
+    """safetensors stores a tied tensor once; the other name is filled by the tie."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    p = params.get(key)
+    return p is not None and any(params.get(k) is p for k in state)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
+    """`optimizer.load_state_dict(torch.load(optimizer.pt, weights_only=True))`, then restore each layer's P index."""
+    from .merge import sync
+
+    path = os.path.join(os.fspath(directory), OPTIMIZER_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path!r} does not exist; pass optimizer= to memwrap.save to checkpoint the optimizer.")
+    optimizer.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    sync(optimizer)

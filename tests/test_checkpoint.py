@@ -1,0 +1,150 @@
+"""memwrap.save / load: plain safetensors + plan JSON + weights_only optimizer state; resume; atomic under SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_llama, token_batch
+
+import memwrap
+from memwrap.io import recover
+
+WORKER = os.path.join(os.path.dirname(__file__), "checkpoint_worker.py")
+
+
+def batch(step):
+    return token_batch(seed=100 + step % 3)
+
+
+def build(opt_kind, model=None):
+    model = model if model is not None else tiny_llama(seed=0)
+    if not memwrap.inject.is_wrapped(model):
+        memwrap.wrap(model, rank=4, granularity=2, refresh_every=4, seed=3)
+    if opt_kind == "memwrap":
+        return model, memwrap.optimizer(model, lr=3e-3, weight_decay=0.1)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+
+
+def train(model, opt, steps):
+    losses = []
+    for step in steps:
+        ids = batch(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("opt_kind", ["adamw", "memwrap"])
+def test_save_load_resume_equals_uninterrupted_run(tmp_path, opt_kind):
+    """Resume = new model (other init) + memwrap.load (weights, then wrap with the saved plan) + load_optimizer."""
+    full = train(*build(opt_kind), range(12))
+    model, opt = build(opt_kind)
+    first = train(model, opt, range(6))
+    memwrap.save(model, tmp_path / "ckpt", optimizer=opt)
+    fresh = tiny_llama(seed=7)
+    plan = memwrap.load(fresh, tmp_path / "ckpt")
+    assert plan == memwrap.get_plan(model)
+    fresh, opt2 = build(opt_kind, fresh)
+    memwrap.load_optimizer(opt2, tmp_path / "ckpt")
+    second = train(fresh, opt2, range(6, 12))
+    assert first + second == full  # bit-identical on CPU
+
+
+def test_saved_files_are_plain_safetensors_plan_json_and_weights_only_state(tmp_path):
+    model, opt = build("adamw")
+    plain_keys = set(tiny_llama(seed=0).state_dict())
+    train(model, opt, range(3))
+    out = memwrap.save(model, tmp_path / "ckpt", optimizer=opt)
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "memwrap_plan.json", "model.safetensors",
+                                       "optimizer.pt"]
+    assert set(load_file(os.path.join(out, "model.safetensors"))) == plain_keys
+    with open(os.path.join(out, "memwrap_plan.json")) as f:
+        assert memwrap.Plan.from_dict(json.load(f)) == memwrap.get_plan(model)
+    state = torch.load(os.path.join(out, "optimizer.pt"), weights_only=True)
+    assert {s["memwrap_step"] for s in state["state"].values() if "memwrap_step" in s} == {3}
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ids = token_batch(seed=9)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_plain_save_pretrained_plus_plan_resumes_with_load(tmp_path):
+    model, opt = build("adamw")
+    train(model, opt, range(2))
+    model.save_pretrained(tmp_path / "hf")
+    memwrap.get_plan(model).save(tmp_path / "hf" / "memwrap_plan.json")
+    fresh = tiny_llama(seed=5)
+    memwrap.load(fresh, tmp_path / "hf")
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert memwrap.get_plan(fresh) == memwrap.get_plan(model)
+
+
+def test_save_refuses_foreign_directory_and_load_names_missing_files(tmp_path):
+    model, _ = build("adamw")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(memwrap.InvalidSettingsError, match="new or empty directory"):
+        memwrap.save(model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    memwrap.save(model, tmp_path / "ckpt")
+    with pytest.raises(memwrap.CheckpointError, match="pass optimizer= to memwrap.save"):
+        memwrap.load_optimizer(torch.optim.AdamW(model.parameters()), tmp_path / "ckpt")
+    with pytest.raises(memwrap.CheckpointError, match="does not match"):
+        memwrap.load(tiny_llama(hidden=32), tmp_path / "ckpt")
+
+
+def run_worker(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, WORKER, *map(str, args)], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("stage,survivor", [("weights", "v1"), ("optimizer", "v1"), ("between-renames", "v1"),
+                                            ("renamed", "v2")])
+def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path, stage, survivor):
+    """The worker saves v1, then is SIGKILLed inside the save of v2; the directory loads as v1 (v2 once renamed)."""
+    ckpt, ref = tmp_path / "ckpt", tmp_path
+    proc = run_worker(ckpt, ref, "stage", stage)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    expected = torch.load(ref / f"{survivor}.pt", weights_only=True)
+    other = torch.load(ref / ("v2.pt" if survivor == "v1" else "v1.pt"), weights_only=True)
+    fresh = tiny_llama(seed=4)
+    memwrap.load(fresh, ckpt)  # recovers the interrupted swap first
+    got = fresh.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not all(torch.equal(got[k], other[k]) for k in expected)
+    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert {s["memwrap_step"] for s in opt_state["state"].values() if "memwrap_step" in s} == {int(survivor[1])}
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", "v1.pt", "v2.pt"])  # no .tmp-* or .old left behind
+
+
+def test_sigkill_at_a_random_moment_of_repeated_saves(tmp_path):
+    """Kill a process that saves in a loop at arbitrary times: the checkpoint is always one whole version."""
+    ckpt = tmp_path / "ckpt"
+    for delay in (0.05, 0.23, 0.41):
+        proc = subprocess.Popen([sys.executable, WORKER, str(ckpt), str(tmp_path), "loop"], stdout=subprocess.PIPE,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), text=True)
+        try:
+            assert proc.stdout.readline().strip() == "saved 1"
+            time.sleep(delay)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        recover(ckpt)
+        weights = load_file(ckpt / "model.safetensors")
+        versions = {float(t.flatten()[0]) for t in weights.values()} | {float(t.flatten()[-1]) for t in weights.values()}
+        assert len(versions) == 1 and versions.pop() >= 1
+        assert memwrap.load_plan(ckpt).layers
