@@ -1,6 +1,7 @@
 """torchrun worker for test_fsdp: FSDP2 (fully_shard, 2 CPU ranks) on wrapped tiny models; DCP checkpoint + resume.
 
-usage: torchrun --nproc_per_node 2 dist_fsdp.py OUT_DIR STEPS SPLIT CONFIG [CONFIG ...]   (CONFIG: MODEL:OPT)
+usage: torchrun --nproc_per_node 2 dist_fsdp.py OUT_DIR STEPS SPLIT CONFIG [CONFIG ...]
+       CONFIG: MODEL:OPT, MODEL dense | moe, OPT adamw (torch) | projfactor | subspace (memwrap.optimizer)
 For each config: train STEPS steps on the global batch split over ranks, saving a DCP checkpoint after SPLIT steps;
 then build a fresh sharded model and optimizer, load the checkpoint and train the remaining steps. Rank 0 writes
 OUT_DIR/CONFIG.json (losses of both runs, local shard shapes) and OUT_DIR/CONFIG.pt (full weights at the end).
@@ -48,7 +49,8 @@ def build(model_kind, opt_kind):
 def make_optimizer(model, opt_kind):
     if opt_kind == "adamw":
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
-    return memwrap.optimizer(model, lr=3e-3, weight_decay=0.1, kind=opt_kind)
+    kind = "adamw" if opt_kind == "subspace" else opt_kind  # memwrap.optimizer: ProjFactor or subspace AdamW
+    return memwrap.optimizer(model, lr=3e-3, weight_decay=0.1, kind=kind)
 
 
 def step(model, opt, ids):

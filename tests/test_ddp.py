@@ -44,7 +44,7 @@ def test_ddp_losses_equal_single_process_with_same_global_batch(ddp_result, kind
     single = run_single(kind, STEPS)
     diff = max(abs(a - b) for a, b in zip(ranks[0]["losses"], single))
     print(f"{kind}: DDP vs single-process max |loss difference| {diff:.3g}")
-    assert diff < 1e-4
+    assert diff < 1e-5
     assert ranks[0]["weight_checksum"] == ranks[1]["weight_checksum"]  # the ranks' weights stayed bit-identical
     assert single[-1] < single[0]
 

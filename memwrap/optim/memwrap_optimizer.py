@@ -17,6 +17,10 @@ under the new P, residual ← total − lift_new(m). Nothing else is dropped bet
 in the subspace), so this is the whole approximation error of the optimizer state, re-injected as soon as a
 later subspace can represent it. The gradient's own projection error cannot be accumulated: it would need
 the full input x, which memwrap never stores.
+
+FSDP2 (coords a DTensor sharded on dim 0): state tensors are DTensors sharded like coords (v_col replicated when
+the rows n are sharded), so torch.distributed.checkpoint saves every shard; the math runs on the local shards, and
+ProjFactor's two means over the rows n (the column factor and the row normaliser) are all-reduced over the mesh.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import merge
@@ -68,15 +73,25 @@ def _subspace_adamw_update(module, g, state, lr, beta1, beta2, eps, step) -> tor
     return module.lifted(u.mul_(-lr / bc1))
 
 
-def _projfactor_update(module, g, state, lr, beta1, beta2, eps, step) -> torch.Tensor:
+def _row_mean(t: torch.Tensor, dim: int, rows=None, keepdim: bool = False) -> torch.Tensor:
+    """Mean over the rows n; `rows` = (process groups, global n) when the rows are sharded (FSDP2)."""
+    if rows is None:
+        return t.mean(dim, keepdim=keepdim)
+    total = t.sum(dim, keepdim=keepdim)
+    for pg in rows[0]:
+        dist.all_reduce(total, group=pg)
+    return total.div_(rows[1])
+
+
+def _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, rows=None) -> torch.Tensor:
     exp_avg, row, col = state["exp_avg"], state["v_row"], state["v_col"]
     exp_avg.lerp_(g, 1 - beta1)
     sq = module.lifted(g).square_().add_(1e-30)  # Ĝ², (…, n, m)
     row.mul_(beta2).add_(sq.mean(-1), alpha=1 - beta2)  # (…, n)
-    col.mul_(beta2).add_(sq.mean(-2), alpha=1 - beta2)  # (…, m)
+    col.mul_(beta2).add_(_row_mean(sq, -2, rows), alpha=1 - beta2)  # (…, m)
     del sq
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    v = (row / row.mean(-1, keepdim=True)).unsqueeze(-1) * col.unsqueeze(-2)  # rank-1 v̂, (…, n, m)
+    v = (row / _row_mean(row, -1, rows, keepdim=True)).unsqueeze(-1) * col.unsqueeze(-2)  # rank-1 v̂, (…, n, m)
     denom = v.div_(bc2).sqrt_().add_(eps)
     return module.lifted(exp_avg).div_(denom).mul_(-lr / bc1)
 
@@ -115,15 +130,16 @@ class MemwrapOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         c = local(p)
         state["step"] = torch.zeros((), dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(c, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)  # a DTensor like p under FSDP2
         lead, n, m = c.shape[:-3], c.shape[-3], module.lifted(c[..., :1, :, :]).shape[-1]
         if group["kind"] == "adamw":
-            state["exp_avg_sq"] = torch.zeros_like(c, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
         else:
-            state["v_row"] = torch.zeros(*lead, n, device=c.device)
-            state["v_col"] = torch.zeros(*lead, m, device=c.device)
+            state["v_row"] = _sharded_like(p, torch.zeros(*lead, n, device=c.device), (*p.shape[:-2],), keeps_rows=True)
+            state["v_col"] = _sharded_like(p, torch.zeros(*lead, m, device=c.device), (*p.shape[:-3], m), keeps_rows=False)
         if group["error_feedback"]:
-            state["residual"] = torch.zeros(*lead, n, m, device=c.device)
+            state["residual"] = _sharded_like(p, torch.zeros(*lead, n, m, device=c.device), (*p.shape[:-2], m),
+                                              keeps_rows=True)
 
     def load_state_dict(self, state_dict) -> None:
         """Restore state and move every compressed module to the refresh index of the restored step count."""
@@ -153,16 +169,18 @@ class MemwrapOptimizer(torch.optim.Optimizer):
                     continue
                 if not self.state[p]:
                     self._init_compressed_state(module, p, group)
-                state = self.state[p]
+                state = {k: local(v) for k, v in self.state[p].items()}  # the local shards under FSDP2
                 g = local(p.grad).float()
                 step = int(state["step"].add_(1).item())
-                update = (_subspace_adamw_update if group["kind"] == "adamw" else _projfactor_update)(
-                    module, g, state, lr, beta1, beta2, eps, step)
+                if group["kind"] == "adamw":
+                    update = _subspace_adamw_update(module, g, state, lr, beta1, beta2, eps, step)
+                else:
+                    update = _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, _sharded_rows(p))
                 module.apply_delta(update, 1.0 - lr * wd, step)
                 self._refresh(module, state, step, group)
         return loss
 
-    def _refresh(self, module, state, step, group):
+    def _refresh(self, module, state, step, group):  # state: the local shards
         old_index = module.refresh_index
         t = merge.advance(module, step)
         if t is None:
@@ -177,3 +195,29 @@ class MemwrapOptimizer(torch.optim.Optimizer):
         coords = blocks @ p_new @ torch.linalg.inv(p_new.T @ p_new)  # least squares, (…, n, c, r)
         state["exp_avg"].copy_(coords)
         state["residual"].copy_(total - module.lifted(coords))
+
+
+def _sharded_rows(p):
+    """(process groups, global n) when coords `p` (…, n, c, r) is a DTensor sharded on its rows n, else None."""
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        return None
+    n_dim = p.ndim - 3
+    groups = [p.device_mesh.get_group(i) for i, pl in enumerate(placements) if pl.is_shard() and pl.dim == n_dim]
+    return (groups, p.shape[n_dim]) if groups else None
+
+
+def _sharded_like(p, local_tensor: torch.Tensor, global_shape: tuple, *, keeps_rows: bool) -> torch.Tensor:
+    """State derived from coords `p` (…, n, c, r) as a DTensor sharded like p (plain tensor when p is plain).
+
+    The state keeps p's leading dims (and, if keeps_rows, the rows n); a shard of p on a dim it drops is Replicate."""
+    placements = getattr(p, "placements", None)
+    if placements is None:
+        return local_tensor
+    from torch.distributed.tensor import DTensor, Replicate
+
+    kept = p.ndim - 2 if keeps_rows else p.ndim - 3
+    new = tuple(pl if not pl.is_shard() or pl.dim < kept else Replicate() for pl in placements)
+    stride = torch.empty(global_shape, device="meta").stride()
+    return DTensor.from_local(local_tensor, p.device_mesh, new, run_check=False, shape=torch.Size(global_shape),
+                              stride=stride)
