@@ -1,0 +1,54 @@
+"""Recipe (docs/retrofit.md): Hugging Face Trainer, unchanged but for `memwrap.wrap(model)`.
+
+    python tools/retrofit_trainer.py [--memwrap-optimizer] [OUT_DIR]
+"""
+
+import sys
+import tempfile
+
+import torch
+from _retrofit_common import check, tiny_model, token_batches
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import memwrap
+from memwrap.trainer import MemwrapCallback
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self):
+        self.ids = torch.cat(token_batches(4))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def main():
+    use_memwrap_opt = "--memwrap-optimizer" in sys.argv
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = args[0] if args else tempfile.mkdtemp()
+    model = tiny_model()
+    memwrap.wrap(model, rank=4, granularity=2)
+    optimizers = (memwrap.optimizer(model, lr=3e-3), None) if use_memwrap_opt else (None, None)
+    training_args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                      max_steps=16, learning_rate=3e-3, max_grad_norm=1.0, save_steps=8,
+                                      logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=training_args, train_dataset=Tokens(), optimizers=optimizers,
+                      callbacks=[MemwrapCallback()])  # the callback matters only for resume_from_checkpoint
+    trainer.train()
+    check([h["loss"] for h in trainer.state.log_history if "loss" in h], "Trainer")
+    trainer.save_model(out + "/final")
+    plain = AutoModelForCausalLM.from_pretrained(out + "/final")  # plain transformers, no memwrap
+    ids = token_batches(1)[0]
+    with torch.no_grad():
+        model.eval()
+        diff = (plain(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
+    print(f"save_model -> from_pretrained: max |logit difference| {diff}")
+    if diff != 0:
+        raise SystemExit("exported model differs")
+
+
+if __name__ == "__main__":
+    main()
