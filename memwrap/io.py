@@ -106,6 +106,12 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
     """
     from .inject import require_wrapped
 
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    if any(hasattr(p, "device_mesh") for p in model.parameters()):
+        raise InvalidSettingsError("memwrap.save got a sharded (FSDP2/DTensor) model; checkpoint it with "
+                                   "torch.distributed.checkpoint (get_state_dict + dcp.save) as docs/retrofit.md shows, "
+                                   "then memwrap.sync(optimizer) after loading.")
     plan = require_wrapped(model).plan
     final = os.path.abspath(os.fspath(directory))
     if os.path.isfile(final):

@@ -53,13 +53,25 @@ def make_optimizer(model, opt_kind):
     return memwrap.optimizer(model, lr=3e-3, weight_decay=0.1, kind=kind)
 
 
-def step(model, opt, ids):
+def step(model, opt, ids, collectives=None):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+    if collectives is None:
+        opt.step()
+    else:
+        collectives.append(count_collectives(opt.step))
     opt.zero_grad()
     return loss.detach()
+
+
+def count_collectives(fn) -> int:
+    """Collectives issued while fn() runs (CommDebugMode sees DTensor redistributions and direct c10d calls alike)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with CommDebugMode() as comm:
+        fn()
+    return comm.get_total_counts()
 
 
 def run_single(model_kind, opt_kind, steps):
@@ -79,11 +91,11 @@ def shard(model, mesh):
     return model
 
 
-def train_ranks(model, opt, steps, rank, world):
+def train_ranks(model, opt, steps, rank, world, collectives=None):
     per_rank = GLOBAL_BATCH // world
     losses = []
     for s in steps:
-        loss = step(model, opt, global_batch(s)[rank * per_rank:(rank + 1) * per_rank])
+        loss = step(model, opt, global_batch(s)[rank * per_rank:(rank + 1) * per_rank], collectives)
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
     return losses
@@ -105,7 +117,13 @@ def run_config(out_dir, steps, split, config, mesh, rank, world):
     layer = next(m for m in model.modules() if isinstance(m, CompressedLinear))
     shapes = dict(coords=list(local(layer.coords).shape), weight=list(local(layer.weight).shape),
                   coords_global=list(layer.coords.shape), weight_global=list(layer.weight.shape))
-    full = train_ranks(model, opt, range(split), rank, world)
+    collectives = []  # per optimizer step (the merge included)
+    full = train_ranks(model, opt, range(split), rank, world, collectives)
+    try:
+        memwrap.save(model, os.path.join(out_dir, "not-for-fsdp"))
+        save_error = ""
+    except memwrap.InvalidSettingsError as e:
+        save_error = str(e)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
     full += train_ranks(model, opt, range(split, steps), rank, world)
@@ -124,7 +142,9 @@ def run_config(out_dir, steps, split, config, mesh, rank, world):
         name = os.path.join(out_dir, config.replace(":", "-"))
         torch.save({"full": final, "resumed": final_resumed}, name + ".pt")
         with open(name + ".json", "w") as f:
-            json.dump(dict(losses=full, resumed=resumed, shapes=shapes, refresh_index=layer.refresh_index), f)
+            json.dump(dict(losses=full, resumed=resumed, shapes=shapes, refresh_index=layer.refresh_index,
+                           step_collectives=collectives, save_error=save_error,
+                           compressed_layers=sum(isinstance(m, CompressedLinear) for m in model.modules())), f)
 
 
 def main():

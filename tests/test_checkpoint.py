@@ -93,6 +93,38 @@ def test_plain_save_pretrained_plus_plan_resumes_with_load(tmp_path):
     assert memwrap.get_plan(fresh) == memwrap.get_plan(model)
 
 
+def test_tied_embeddings_and_plain_modules_round_trip(tmp_path):
+    """A tied lm_head is stored once by safetensors and restored by the tie; a non-transformers module saves too."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    def tied_llama(seed):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True))
+
+    tied = tied_llama(0)
+    memwrap.wrap(tied, rank=4, granularity=2)
+    memwrap.save(tied, tmp_path / "tied")
+    back = tied_llama(3)
+    memwrap.load(back, tmp_path / "tied")
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    assert all(torch.equal(a, b) for a, b in zip(tied.state_dict().values(), back.state_dict().values()))
+
+    def mlp(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+
+    net = mlp(0)
+    memwrap.wrap(net, rank=2, granularity=2, exclude=())
+    memwrap.save(net, tmp_path / "mlp")
+    assert set(load_file(tmp_path / "mlp" / "model.safetensors")) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    other = mlp(1)
+    memwrap.load(other, tmp_path / "mlp")
+    x = torch.randn(4, 16)
+    assert torch.equal(other(x), net(x))
+
+
 def test_save_refuses_foreign_directory_and_load_names_missing_files(tmp_path):
     model, _ = build("adamw")
     (tmp_path / "mine").mkdir()
