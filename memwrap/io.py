@@ -21,7 +21,7 @@ import tempfile
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InvalidSettingsError
+from .errors import CheckpointError, InvalidSettingsError, PlanMismatchError
 
 PLAN_NAME = "memwrap_plan.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -175,7 +175,7 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
 
     Returns the Plan. Then build the optimizer over the wrapped model and call `load_optimizer(optimizer, directory)`.
     """
-    from .api import wrap
+    from .api import get_plan, wrap
     from .inject import check_plan_against_model, is_wrapped
 
     directory = os.path.abspath(os.fspath(directory))
@@ -192,10 +192,19 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
                               "config) it was saved from.")
     if not is_wrapped(model):
         check_plan_against_model(model, plan)
+    elif _settings(get_plan(model)) != _settings(plan):
+        raise PlanMismatchError(f"{type(model).__name__} is already wrapped with other settings than the checkpoint's plan "
+                                f"in {directory!r}; call memwrap.unwrap(model) first, or load into an unwrapped model.")
     model.load_state_dict(state, strict=False)
     if not is_wrapped(model):
         wrap(model, plan=plan, **wrap_kwargs)
     return plan
+
+
+def _settings(plan) -> tuple:
+    """What decides the projections and the update: per-layer (name, c, r, group), seed, kind, refresh period."""
+    return (tuple((lp.name, lp.c, lp.r, lp.group) for lp in plan.layers), plan.seed, plan.projection, plan.refresh_every,
+            plan.share_inputs)
 
 
 def _is_tied_duplicate(model: nn.Module, key: str, state: dict) -> bool:

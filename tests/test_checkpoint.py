@@ -44,18 +44,30 @@ def train(model, opt, steps):
     return losses
 
 
+@pytest.mark.parametrize("how", ["helpers", "by-hand"])
 @pytest.mark.parametrize("opt_kind", ["adamw", "memwrap"])
-def test_save_load_resume_equals_uninterrupted_run(tmp_path, opt_kind):
-    """Resume = new model (other init) + memwrap.load (weights, then wrap with the saved plan) + load_optimizer."""
+def test_save_load_resume_equals_uninterrupted_run(tmp_path, opt_kind, how):
+    """Resume = new model (other init) + weights + wrap(plan=saved plan) + optimizer state loaded weights_only.
+
+    "helpers": memwrap.load + memwrap.load_optimizer; "by-hand": the same with safetensors, Plan.load and torch.load."""
     full = train(*build(opt_kind), range(12))
     model, opt = build(opt_kind)
     first = train(model, opt, range(6))
-    memwrap.save(model, tmp_path / "ckpt", optimizer=opt)
+    ckpt = memwrap.save(model, tmp_path / "ckpt", optimizer=opt)
     fresh = tiny_llama(seed=7)
-    plan = memwrap.load(fresh, tmp_path / "ckpt")
+    if how == "helpers":
+        plan = memwrap.load(fresh, ckpt)
+    else:
+        fresh.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")))
+        plan = memwrap.Plan.load(os.path.join(ckpt, "memwrap_plan.json"))
+        memwrap.wrap(fresh, plan=plan)
     assert plan == memwrap.get_plan(model)
     fresh, opt2 = build(opt_kind, fresh)
-    memwrap.load_optimizer(opt2, tmp_path / "ckpt")
+    if how == "helpers":
+        memwrap.load_optimizer(opt2, ckpt)
+    else:
+        opt2.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True))
+        memwrap.sync(opt2)
     second = train(fresh, opt2, range(6, 12))
     assert first + second == full  # bit-identical on CPU
 
@@ -137,6 +149,12 @@ def test_save_refuses_foreign_directory_and_load_names_missing_files(tmp_path):
         memwrap.load_optimizer(torch.optim.AdamW(model.parameters()), tmp_path / "ckpt")
     with pytest.raises(memwrap.CheckpointError, match="does not match"):
         memwrap.load(tiny_llama(hidden=32), tmp_path / "ckpt")
+    other = tiny_llama()
+    memwrap.wrap(other, rank=2, granularity=2)
+    before = [t.clone() for t in other.state_dict().values()]
+    with pytest.raises(memwrap.PlanMismatchError, match="unwrap"):
+        memwrap.load(other, tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.state_dict().values()))  # nothing was loaded
 
 
 def run_worker(*args):
