@@ -2,8 +2,9 @@
 
 usage: torchrun --nproc_per_node 2 dist_ddp.py OUT_JSON STEPS
 Writes, from rank 0: losses (mean over ranks of each step's loss, i.e. the global-batch loss) for memwrap with
-torch AdamW, memwrap with memwrap.optimizer and the plain model; all-reduced gradient bytes per step measured by
-a DDP comm hook; checksums of every projection P and of the final weights on every rank.
+torch AdamW, memwrap with memwrap.optimizer, the plain model and memwrap + AdamW with gradient accumulation;
+all-reduced gradient bytes per step measured by a DDP comm hook; checksums of every projection P and of the final
+weights on every rank.
 """
 
 import json
@@ -45,6 +46,19 @@ def step(model, opt, ids):
     return loss.detach()
 
 
+def accumulated_step(ddp, opt, ids):
+    first, second = ids.chunk(2)
+    with ddp.no_sync():
+        loss_a = ddp(input_ids=first, labels=first).loss
+        (loss_a / 2).backward()
+    loss_b = ddp(input_ids=second, labels=second).loss
+    (loss_b / 2).backward()
+    torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+    return (loss_a.detach() + loss_b.detach()) / 2
+
+
 def run_single(kind, steps):
     model, opt = build(kind)
     return [step(model, opt, global_batch(s)).item() for s in range(steps)]
@@ -70,7 +84,8 @@ def counting_allreduce(counter):
 def run_ddp(kind, steps, rank, world):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model, opt = build(kind)
+    accum = kind.endswith("-accum")  # 2 micro-batches per rank and step, the first under no_sync()
+    model, opt = build(kind.removesuffix("-accum"))
     ddp = DDP(model)
     counter = [0]
     ddp.register_comm_hook(None, counting_allreduce(counter))
@@ -79,7 +94,10 @@ def run_ddp(kind, steps, rank, world):
     for s in range(steps):
         ids = global_batch(s)[rank * per_rank:(rank + 1) * per_rank]
         before = counter[0]
-        loss = step(ddp, opt, ids)
+        if accum:
+            loss = accumulated_step(ddp, opt, ids)
+        else:
+            loss = step(ddp, opt, ids)
         bytes_per_step.append(counter[0] - before)
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
@@ -98,7 +116,7 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {}
-    for kind in ("adamw", "memwrap", "plain"):
+    for kind in ("adamw", "memwrap", "plain", "adamw-accum"):
         mine = run_ddp(kind, steps, rank, world)
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)

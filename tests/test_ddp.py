@@ -50,6 +50,16 @@ def test_ddp_losses_equal_single_process_with_same_global_batch(ddp_result, kind
 
 
 @pytest.mark.slow
+def test_ddp_gradient_accumulation_with_no_sync_equals_one_big_batch(ddp_result):
+    """Each rank: 2 micro-batches, the first under ddp.no_sync(); one all-reduce of compressed bytes per step."""
+    accum, plain_step = ddp_result["adamw-accum"], ddp_result["adamw"]
+    single = run_single("adamw", STEPS)
+    assert max(abs(a - b) for a, b in zip(accum[0]["losses"], single)) < 1e-5
+    assert accum[0]["weight_checksum"] == accum[1]["weight_checksum"]
+    assert accum[0]["bytes_per_step"] == plain_step[0]["bytes_per_step"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["adamw", "memwrap"])
 def test_ddp_ranks_draw_identical_projections_across_refreshes(ddp_result, kind):
     a, b = (r["projection_checks"] for r in ddp_result[kind])
