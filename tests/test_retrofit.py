@@ -39,11 +39,12 @@ def test_every_recipe_diff_is_in_its_script():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_recipe_script_runs_and_trains(tmp_path, name):
+@pytest.mark.parametrize("name,launcher", [("plain", "python"), ("trainer", "python"), ("accelerate", "python"),
+                                           ("accelerate", "torchrun"), ("ddp", "torchrun"), ("fsdp2", "torchrun")])
+def test_recipe_script_runs_and_trains(tmp_path, name, launcher):
     script = os.path.join(ROOT, "tools", f"retrofit_{name}.py")
     out = tmp_path / "out"
-    if name in ("ddp", "fsdp2"):
+    if launcher == "torchrun":
         proc = torchrun(script, out)
     else:
         env = dict(os.environ, OMP_NUM_THREADS="1")

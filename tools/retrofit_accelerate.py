@@ -1,8 +1,10 @@
 """Recipe (docs/retrofit.md): an accelerate loop; `memwrap.wrap(model)` before `accelerator.prepare`.
 
-    python tools/retrofit_accelerate.py [--memwrap-optimizer]      (or: accelerate launch tools/retrofit_accelerate.py)
+    python tools/retrofit_accelerate.py [--memwrap-optimizer] [STATE_DIR]
+    torchrun --nproc_per_node 2 tools/retrofit_accelerate.py ...   (or accelerate launch: DDP over 2 processes)
 """
 
+import os
 import sys
 import tempfile
 
@@ -36,8 +38,10 @@ def main():
             losses.append(loss.item())
     if accelerator.is_main_process:
         check(losses, "accelerate")
-    checkpoint_dir = tempfile.mkdtemp()
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    checkpoint_dir = args[0] if args else os.path.join(tempfile.gettempdir(), "retrofit_accelerate_state")
     accelerator.save_state(checkpoint_dir)
+    accelerator.wait_for_everyone()
     accelerator.load_state(checkpoint_dir)  # what a resumed run does, after prepare()
     memwrap.sync(optimizer)
 
