@@ -39,8 +39,9 @@ def test_every_recipe_diff_is_in_its_script():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,launcher", [("plain", "python"), ("trainer", "python"), ("accelerate", "python"),
-                                           ("accelerate", "torchrun"), ("ddp", "torchrun"), ("fsdp2", "torchrun")])
+@pytest.mark.parametrize("name,launcher", [("plain", "python"), ("trainer", "python"), ("trainer", "torchrun"),
+                                           ("accelerate", "python"), ("accelerate", "torchrun"), ("ddp", "torchrun"),
+                                           ("fsdp2", "torchrun")])
 def test_recipe_script_runs_and_trains(tmp_path, name, launcher):
     script = os.path.join(ROOT, "tools", f"retrofit_{name}.py")
     out = tmp_path / "out"

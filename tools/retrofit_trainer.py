@@ -1,6 +1,7 @@
 """Recipe (docs/retrofit.md): Hugging Face Trainer, unchanged but for `memwrap.wrap(model)`.
 
     python tools/retrofit_trainer.py [--memwrap-optimizer] [OUT_DIR]
+    torchrun --nproc_per_node 2 tools/retrofit_trainer.py ...      (Trainer runs DDP over 2 processes)
 """
 
 import sys
@@ -40,6 +41,8 @@ def main():
     trainer.train()
     check([h["loss"] for h in trainer.state.log_history if "loss" in h], "Trainer")
     trainer.save_model(out + "/final")
+    if not trainer.is_world_process_zero():  # under torchrun: rank 0 wrote the export and checks it
+        return
     plain = AutoModelForCausalLM.from_pretrained(out + "/final")  # plain transformers, no memwrap
     ids = token_batches(1)[0]
     with torch.no_grad():
