@@ -95,7 +95,9 @@ def test_resume_without_callback_warns_and_stays_close(tmp_path):
         _, _, resumed = train(tmp_path, resume=str(tmp_path / "checkpoint-4"))
     assert any("memwrap.sync(optimizer)" in str(w.message) for w in caught)
     assert resumed != full[4:]  # what MemwrapCallback fixes
-    assert max(abs(a - b) / b for a, b in zip(full[4:], resumed)) < 0.01
+    rel = max(abs(a - b) / b for a, b in zip(full[4:], resumed))
+    print(f"resume without MemwrapCallback: max relative loss difference {rel:.3g}")
+    assert rel < 0.01
 
 
 def test_save_model_loads_into_plain_transformers_with_equal_logits(tmp_path):
