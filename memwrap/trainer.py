@@ -11,8 +11,11 @@ callback calls before the first resumed step:
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .merge import sync
 
@@ -25,9 +28,24 @@ def _inner(optimizer):
 
 
 class MemwrapCallback(TrainerCallback):
-    """Calls `memwrap.sync(optimizer)` at the start of training, after Trainer restored a checkpoint's optimizer."""
+    """Calls `memwrap.sync(optimizer)` when training starts (after Trainer restored a checkpoint's optimizer) and
+    writes the plan into every checkpoint (`checkpoint-N/memwrap_plan.json`), so a resume can re-wrap exactly
+    with `memwrap.wrap(model, plan=".../checkpoint-N/memwrap_plan.json")` even where the planner would now choose
+    other settings (e.g. another amount of free GPU memory)."""
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         opt = _inner(optimizer)
         if opt is not None:
             sync(opt)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from .inject import STATE_ATTR
+        from .io import PLAN_NAME
+
+        model = getattr(model, "module", model)  # DDP
+        wrapped = getattr(model, STATE_ATTR, None)
+        if wrapped is None or not state.is_world_process_zero:
+            return
+        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(directory):
+            wrapped.plan.save(os.path.join(directory, PLAN_NAME))

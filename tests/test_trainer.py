@@ -36,9 +36,13 @@ COMPRESSED = (("rank", 4), ("granularity", 2), ("refresh_every", 3), ("seed", 1)
 
 def train(out, *, wrap=COMPRESSED, optimizer=None, resume=None,
           callbacks=None, model_kw=None, **kw):
-    """Train a tiny Llama under Trainer; returns (model, trainer, per-step losses from Trainer's own log)."""
+    """Train a tiny Llama under Trainer; returns (model, trainer, per-step losses from Trainer's own log).
+
+    wrap: memwrap.wrap keyword arguments, None for no memwrap, or a path: wrap(model, plan=path)."""
     model = tiny_llama(seed=0, **(model_kw or {}))
-    if wrap is not None:
+    if isinstance(wrap, str):
+        memwrap.wrap(model, plan=wrap)
+    elif wrap is not None:
         memwrap.wrap(model, **dict(wrap))
     opt = (optimizer(model), None) if optimizer else (None, None)
     trainer = Trainer(model=model, args=args(out, **kw), train_dataset=TokenDataset(), optimizers=opt,
@@ -78,7 +82,11 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_losses(tmp_path, which)
     """8 steps, checkpoint at 4, P refreshed every 3 steps (the checkpoint sits between refreshes)."""
     kw = dict(optimizer=lambda m: memwrap.optimizer(m, lr=3e-3, weight_decay=0.1)) if which == "memwrap-optimizer" else {}
     cb = [MemwrapCallback()] if which == "trainer-adamw" else None
-    _, _, full = train(tmp_path, callbacks=cb, **kw)
+    model, _, full = train(tmp_path, callbacks=cb, **kw)
+    if cb:  # MemwrapCallback also wrote the plan into the checkpoint: re-wrap exactly from it
+        plan = str(tmp_path / "checkpoint-4" / "memwrap_plan.json")
+        assert memwrap.Plan.load(plan) == memwrap.get_plan(model)
+        kw["wrap"] = plan
     _, _, resumed = train(tmp_path, callbacks=cb, resume=str(tmp_path / "checkpoint-4"), **kw)
     diff = max(abs(a - b) for a, b in zip(full[4:], resumed))
     print(f"{which}: resumed losses {resumed}, max |difference| to the uninterrupted run {diff:.3g}")
