@@ -1,7 +1,8 @@
 """torchrun worker for test_fsdp: FSDP2 (fully_shard, 2 CPU ranks) on wrapped tiny models; DCP checkpoint + resume.
 
 usage: torchrun --nproc_per_node 2 dist_fsdp.py OUT_DIR STEPS SPLIT CONFIG [CONFIG ...]
-       CONFIG: MODEL:OPT, MODEL dense | moe, OPT adamw (torch) | projfactor | subspace (memwrap.optimizer)
+       CONFIG: MODEL:OPT[:bf16], MODEL dense | moe, OPT adamw (torch) | projfactor | subspace (memwrap.optimizer),
+       bf16: FSDP2 mixed precision (bf16 parameters in compute, fp32 gradient reduction)
 For each config: train STEPS steps on the global batch split over ranks, saving a DCP checkpoint after SPLIT steps;
 then build a fresh sharded model and optimizer, load the checkpoint and train the remaining steps. Rank 0 writes
 OUT_DIR/CONFIG.json (losses of both runs, local shard shapes) and OUT_DIR/CONFIG.pt (full weights at the end).
@@ -82,12 +83,14 @@ def run_single(model_kind, opt_kind, steps):
     return losses, model.state_dict()
 
 
-def shard(model, mesh):
-    from torch.distributed.fsdp import fully_shard
+def shard(model, mesh, bf16=False):
+    """fully_shard per decoder layer, then the root; bf16: MixedPrecisionPolicy (bf16 compute, fp32 reduce)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -110,9 +113,10 @@ def run_config(out_dir, steps, split, config, mesh, rank, world):
         set_state_dict,
     )
 
-    model_kind, opt_kind = config.split(":")
+    model_kind, opt_kind, *extra = config.split(":")
+    bf16 = "bf16" in extra
     ckpt = os.path.join(out_dir, config.replace(":", "-") + "-dcp")
-    model = shard(build(model_kind, opt_kind), mesh)
+    model = shard(build(model_kind, opt_kind), mesh, bf16)
     opt = make_optimizer(model, opt_kind)
     layer = next(m for m in model.modules() if isinstance(m, CompressedLinear))
     shapes = dict(coords=list(local(layer.coords).shape), weight=list(local(layer.weight).shape),
@@ -129,7 +133,7 @@ def run_config(out_dir, steps, split, config, mesh, rank, world):
     full += train_ranks(model, opt, range(split, steps), rank, world)
     final = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    fresh = shard(build(model_kind, opt_kind), mesh)  # fresh = same init; load must overwrite the trained state
+    fresh = shard(build(model_kind, opt_kind), mesh, bf16)  # fresh = same init; load must overwrite the trained state
     opt2 = make_optimizer(fresh, opt_kind)
     msd, osd = get_state_dict(fresh, opt2)
     state = {"model": msd, "optim": osd}

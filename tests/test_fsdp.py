@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-from dist_fsdp import run_single
+from dist_fsdp import build, run_single
 from test_ddp import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_fsdp.py")
 STEPS, SPLIT = 7, 4  # P refreshed every 3 steps; the checkpoint after step 4 sits between refreshes
-CONFIGS = ("dense:adamw", "moe:adamw", "dense:projfactor", "moe:projfactor", "dense:subspace")
+CONFIGS = ("dense:adamw", "moe:adamw", "dense:projfactor", "moe:projfactor", "dense:subspace", "dense:projfactor:bf16")
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,11 @@ def result(out, config):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_fsdp2_trains_like_one_process_and_merges_shard_locally(fsdp_dir, config):
     info, weights = result(fsdp_dir, config)
-    single_losses, single_state = run_single(*config.split(":"), STEPS)
+    model_kind, opt_kind, *extra = config.split(":")
+    single_losses, single_state = run_single(model_kind, opt_kind, STEPS)
     diff = max(abs(a - b) for a, b in zip(info["losses"], single_losses))
-    print(f"{config}: FSDP2 vs single-process max |loss difference| {diff:.3g}")
-    assert diff < 1e-5
+    print(f"{config}: FSDP2 vs single-process (fp32) max |loss difference| {diff:.3g}")
+    assert diff < (5e-3 if extra else 1e-5)  # bf16 compute: close to the fp32 run, not equal
     assert single_losses[-1] < single_losses[0] - 0.1
     # each rank holds half of the rows of W and of coords, and the merged weights equal the one-process weights row
     # for row: the update of the local coords reached exactly the local rows of W
@@ -42,11 +43,16 @@ def test_fsdp2_trains_like_one_process_and_merges_shard_locally(fsdp_dir, config
     assert shapes["coords"][0] * 2 == shapes["coords_global"][0] and shapes["weight"][0] * 2 == shapes["weight_global"][0]
     assert shapes["coords"][1:] == shapes["coords_global"][1:] and shapes["weight"][1:] == shapes["weight_global"][1:]
     assert set(weights["full"]) == set(single_state)  # plain keys, no coords
-    wdiff = max((weights["full"][k] - single_state[k]).abs().max().item() for k in single_state)
-    assert wdiff < 1e-5
+    if extra:  # bf16 compute: every weight's 7-step update within 10% of the fp32 one-process update
+        init = build(model_kind, opt_kind).state_dict()
+        rel = max(((weights["full"][k] - v).norm() / (v - init[k]).norm()).item() for k, v in single_state.items())
+        print(f"{config}: max |W_fsdp - W_single| / |W_single - W_init| {rel:.3g}")
+        assert rel < 0.1
+    else:
+        assert max((weights["full"][k] - single_state[k]).abs().max().item() for k in single_state) < 1e-5
     assert info["refresh_index"] == STEPS // 3
     # no communication in the optimizer step and merge, but ProjFactor's two all-reduced row means per layer
-    expected = 0 if config.endswith((":adamw", ":subspace")) else 2 * info["compressed_layers"]
+    expected = 0 if opt_kind in ("adamw", "subspace") else 2 * info["compressed_layers"]
     assert set(info["step_collectives"]) == {expected}
 
 
