@@ -143,6 +143,7 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover(final)  # an error between the two renames: put the previous checkpoint back now
         raise
     return final
 
@@ -152,7 +153,11 @@ def load_plan(directory: str | os.PathLike):
     from .config import Plan
 
     recover(directory)
-    return Plan.load(os.path.join(os.fspath(directory), PLAN_NAME))
+    path = os.path.join(os.fspath(directory), PLAN_NAME)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path!r} does not exist; save checkpoints with memwrap.save(model, dir), or write the plan "
+                              f"beside save_pretrained output with memwrap.get_plan(model).save(dir + '/{PLAN_NAME}').")
+    return Plan.load(path)
 
 
 def _read_weights(directory: str) -> dict[str, torch.Tensor]:

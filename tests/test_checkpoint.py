@@ -147,6 +147,9 @@ def test_save_refuses_foreign_directory_and_load_names_missing_files(tmp_path):
     memwrap.save(model, tmp_path / "ckpt")
     with pytest.raises(memwrap.CheckpointError, match="pass optimizer= to memwrap.save"):
         memwrap.load_optimizer(torch.optim.AdamW(model.parameters()), tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "hf-only")
+    with pytest.raises(memwrap.CheckpointError, match="get_plan"):
+        memwrap.load(tiny_llama(), tmp_path / "hf-only")
     with pytest.raises(memwrap.CheckpointError, match="does not match"):
         memwrap.load(tiny_llama(hidden=32), tmp_path / "ckpt")
     other = tiny_llama()
