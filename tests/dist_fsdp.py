@@ -1,7 +1,7 @@
 """torchrun worker for test_fsdp: FSDP2 (fully_shard, 2 CPU ranks) on wrapped tiny models; DCP checkpoint + resume.
 
 usage: torchrun --nproc_per_node 2 dist_fsdp.py OUT_DIR STEPS SPLIT CONFIG [CONFIG ...]
-       CONFIG: MODEL:OPT[:bf16], MODEL dense | moe, OPT adamw (torch) | projfactor | subspace (memwrap.optimizer),
+       CONFIG: MODEL:OPT[:bf16], MODEL dense | moe, OPT adamw (torch) | projfactor | projfactor-ef | subspace (memwrap.optimizer),
        bf16: FSDP2 mixed precision (bf16 parameters in compute, fp32 gradient reduction)
 For each config: train STEPS steps on the global batch split over ranks, saving a DCP checkpoint after SPLIT steps;
 then build a fresh sharded model and optimizer, load the checkpoint and train the remaining steps. Rank 0 writes
@@ -50,8 +50,8 @@ def build(model_kind, opt_kind):
 def make_optimizer(model, opt_kind):
     if opt_kind == "adamw":
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
-    kind = "adamw" if opt_kind == "subspace" else opt_kind  # memwrap.optimizer: ProjFactor or subspace AdamW
-    return memwrap.optimizer(model, lr=3e-3, weight_decay=0.1, kind=kind)
+    kind = "adamw" if opt_kind == "subspace" else "projfactor"  # memwrap.optimizer: ProjFactor or subspace AdamW
+    return memwrap.optimizer(model, lr=3e-3, weight_decay=0.1, kind=kind, error_feedback=opt_kind == "projfactor-ef")
 
 
 def step(model, opt, ids, collectives=None):

@@ -11,7 +11,8 @@ from test_ddp import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_fsdp.py")
 STEPS, SPLIT = 7, 4  # P refreshed every 3 steps; the checkpoint after step 4 sits between refreshes
-CONFIGS = ("dense:adamw", "moe:adamw", "dense:projfactor", "moe:projfactor", "dense:subspace", "dense:projfactor:bf16")
+CONFIGS = ("dense:adamw", "moe:adamw", "dense:projfactor", "moe:projfactor", "dense:subspace", "dense:projfactor-ef",
+           "dense:projfactor:bf16")
 
 
 @pytest.fixture(scope="module")
