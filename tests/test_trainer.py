@@ -77,6 +77,13 @@ def test_gradient_accumulation_equals_one_big_batch_under_trainer(tmp_path):
     assert max(abs(a - b) for a, b in zip(big, accum)) < 1e-4
 
 
+def test_gradient_checkpointing_under_trainer_equals_plain_backward(tmp_path):
+    """gradient_checkpointing=True recomputes the forward (and x̃, under the same P) in backward: same losses."""
+    _, _, plain = train(tmp_path / "plain", steps=4)
+    _, _, ckpt = train(tmp_path / "ckpt", steps=4, gradient_checkpointing=True)
+    assert ckpt == plain
+
+
 @pytest.mark.parametrize("which", ["trainer-adamw", "memwrap-optimizer"])
 def test_resume_from_checkpoint_reproduces_uninterrupted_losses(tmp_path, which):
     """8 steps, checkpoint at 4, P refreshed every 3 steps (the checkpoint sits between refreshes)."""
