@@ -78,7 +78,7 @@ def test_gradient_accumulation_equals_one_big_batch_under_trainer(tmp_path):
 
 
 def test_gradient_checkpointing_under_trainer_equals_plain_backward(tmp_path):
-    """activation_checkpointing=True (gradient checkpointing) recomputes the forward (and x̃, under the same P) in backward: same losses."""
+    """activation_checkpointing=True recomputes the forward (and x̃, under the same P) in backward: same losses."""
     _, _, plain = train(tmp_path / "plain", steps=4)
     _, _, ckpt = train(tmp_path / "ckpt", steps=4, activation_checkpointing=True)
     assert ckpt == plain
