@@ -1,0 +1,115 @@
+"""Training benchmark: tiny Llama-shaped model on Shakespeare, exact AdamW vs memwrap variants, same init and data.
+
+Prints a table of held-out loss at steps 100/200/300, bytes of gradients + optimizer state (for the linear layers
+memwrap compresses, and in total), saved-activation bytes of one training forward (saved-tensor hooks), and the
+step-time ratio to AdamW (all runs stepped in lockstep, so they share the machine's load). Saves a loss plot.
+
+    python tools/bench_train.py                 # the full run (300 steps)
+    python tools/bench_train.py --steps 30      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+import memwrap
+from memwrap.demo import RunSpec, fmt_bytes, llama_config, train_side_by_side
+
+
+def specs(lr: float, refresh_every: int) -> list[RunSpec]:
+    def wrap(c, r):
+        return lambda m: memwrap.wrap(m, rank=r, granularity=c, refresh_every=refresh_every)
+
+    def mw_opt(**kw):
+        return lambda m: memwrap.optimizer(m, lr=lr, **kw)
+
+    def torch_adamw(m):
+        return torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
+
+    out = [
+        RunSpec("AdamW", lambda m: None, torch_adamw, "exact, full model"),
+        RunSpec("ProjFactor c4 r8", wrap(4, 8), mw_opt(), "memwrap.optimizer (default)"),
+        RunSpec("subspace AdamW c4 r8", wrap(4, 8), mw_opt(kind="adamw"), "memwrap.optimizer(kind='adamw')"),
+        RunSpec("torch AdamW c4 r8", wrap(4, 8), torch_adamw, "user's torch.optim.AdamW on coords"),
+        RunSpec("ProjFactor+EF c4 r8", wrap(4, 8), mw_opt(error_feedback=True), "error_feedback=True"),
+    ]
+    for c, r in ((1, 32), (16, 2), (32, 1)):  # granularity sweep at fixed c·r = 32
+        out.append(RunSpec(f"ProjFactor c{c} r{r}", wrap(c, r), mw_opt(), "granularity sweep, c·r = 32"))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--refresh-every", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    runs = specs(args.lr, args.refresh_every)
+    if args.only:
+        keep = set(args.only.split(","))
+        runs = [s for s in runs if s.name in keep or s.name == "AdamW"]
+    eval_at = tuple(s for s in (100, 200, 300) if s <= args.steps) or (args.steps,)
+    config = llama_config(hidden=256, layers=4, intermediate=768, heads=4)
+    print(f"Llama-shaped: 4 layers, hidden 256, intermediate 768, byte vocab 256; batch {args.batch_size} x "
+          f"{args.seq_len}; lr {args.lr} (all runs), refresh_every {args.refresh_every}, {args.steps} steps\n")
+    results = train_side_by_side(runs, config=config, steps=args.steps, batch_size=args.batch_size,
+                                 seq_len=args.seq_len, eval_at=eval_at, log_every=25)
+    base = results[0]
+    base_time = sum(base.step_seconds[1:]) / max(1, len(base.step_seconds) - 1)
+    head = (f"{'run':<22}" + "".join(f"{f'loss@{s}':>10}" for s in eval_at) + f"{'vs AdamW':>9}"
+            f"{'grad+opt linears':>18}{'ratio':>8}{'grad+opt all':>14}{'saved act':>11}{'act ratio':>10}{'time':>7}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        t = sum(r.step_seconds[1:]) / max(1, len(r.step_seconds) - 1)
+        last = r.heldout[eval_at[-1]]
+        lines.append(f"{r.name:<22}" + "".join(f"{r.heldout[s]:>10.3f}" for s in eval_at)
+                     + f"{last / base.heldout[eval_at[-1]] - 1:>+9.1%}"
+                     + f"{fmt_bytes(r.wrapped_grad_opt_bytes):>18}{r.wrapped_grad_opt_bytes / base.wrapped_grad_opt_bytes:>8.1%}"
+                     + f"{fmt_bytes(r.total_grad_opt_bytes):>14}{fmt_bytes(r.saved_activation_bytes):>11}"
+                     + f"{r.saved_activation_bytes / base.saved_activation_bytes:>10.1%}{t / base_time:>7.2f}")
+    table = "\n".join(lines)
+    print("\n" + table)
+    print("\nloss: held-out (tail of the corpus, never trained on); grad+opt linears: gradients + optimizer state of the "
+          "compressed weights (coords for memwrap); saved act: one training forward, saved-tensor hooks; "
+          "time: step time / AdamW's.")
+    with open(os.path.join(args.out, "bench_train.json"), "w") as f:
+        json.dump({"args": vars(args), "table": table,
+                   "runs": [{"name": r.name, "note": r.note, "heldout": r.heldout, "train": r.train_losses}
+                            for r in results]}, f)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for r in results:
+        k = 10
+        smooth = [sum(r.train_losses[max(0, i - k):i + 1]) / len(r.train_losses[max(0, i - k):i + 1])
+                  for i in range(len(r.train_losses))]
+        (line,) = ax.plot(range(1, len(smooth) + 1), smooth, label=r.name, lw=1)
+        ax.plot(list(r.heldout), list(r.heldout.values()), "o", color=line.get_color())
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (smoothed); dots: held-out")
+    ax.legend(fontsize=8)
+    ax.set_title("memwrap vs AdamW, tiny Llama on Shakespeare")
+    path = os.path.join(args.out, "bench_train.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
