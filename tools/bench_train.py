@@ -20,14 +20,14 @@ import memwrap
 from memwrap.demo import RunSpec, fmt_bytes, llama_config, train_side_by_side
 
 
-def specs(lr: float, refresh_every: int) -> list[RunSpec]:
+def specs(lr: float, refresh_every: int, sweep_lrs: tuple[float, ...] = ()) -> list[RunSpec]:
     def wrap(c, r):
         return lambda m: memwrap.wrap(m, rank=r, granularity=c, refresh_every=refresh_every)
 
     def mw_opt(**kw):
         return lambda m: memwrap.optimizer(m, lr=lr, **kw)
 
-    def torch_adamw(m):
+    def torch_adamw(m, lr=lr):
         return torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
 
     out = [
@@ -39,6 +39,10 @@ def specs(lr: float, refresh_every: int) -> list[RunSpec]:
     ]
     for c, r in ((1, 32), (16, 2), (32, 1)):  # granularity sweep at fixed c·r = 32
         out.append(RunSpec(f"ProjFactor c{c} r{r}", wrap(c, r), mw_opt(), "granularity sweep, c·r = 32"))
+    for other in sweep_lrs:  # learning-rate sweep: each method is compared at its best
+        out.append(RunSpec(f"AdamW lr={other:g}", lambda m: None, lambda m, o=other: torch_adamw(m, o), "exact, lr sweep"))
+        out.append(RunSpec(f"ProjFactor c4 r8 lr={other:g}", wrap(4, 8),
+                           lambda m, o=other: memwrap.optimizer(m, lr=o), "lr sweep"))
     return out
 
 
@@ -49,24 +53,28 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--refresh-every", type=int, default=25)
+    ap.add_argument("--sweep-lrs", default="1e-3,5e-4", help="extra learning rates for AdamW and ProjFactor c4 r8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated run names to keep (default: all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
-    runs = specs(args.lr, args.refresh_every)
+    sweep = tuple(float(x) for x in args.sweep_lrs.split(",") if x)
+    runs = specs(args.lr, args.refresh_every, sweep)
     if args.only:
         keep = set(args.only.split(","))
         runs = [s for s in runs if s.name in keep or s.name == "AdamW"]
     eval_at = tuple(s for s in (100, 200, 300) if s <= args.steps) or (args.steps,)
     config = llama_config(hidden=256, layers=4, intermediate=768, heads=4)
     print(f"Llama-shaped: 4 layers, hidden 256, intermediate 768, byte vocab 256; batch {args.batch_size} x "
-          f"{args.seq_len}; lr {args.lr} (all runs), refresh_every {args.refresh_every}, {args.steps} steps\n")
+          f"{args.seq_len}; lr {args.lr} unless a row says otherwise, refresh_every {args.refresh_every}, "
+          f"{args.steps} steps\n")
     results = train_side_by_side(runs, config=config, steps=args.steps, batch_size=args.batch_size,
                                  seq_len=args.seq_len, eval_at=eval_at, log_every=25)
-    base = results[0]
-    base_time = sum(base.step_seconds[1:]) / max(1, len(base.step_seconds) - 1)
+    adamw_runs = [r for r in results if r.name.startswith("AdamW")]
+    base = min(adamw_runs, key=lambda r: r.heldout[eval_at[-1]])  # the best-tuned AdamW is the reference
+    base_time = sum(results[0].step_seconds[1:]) / max(1, len(results[0].step_seconds) - 1)
     head = (f"{'run':<22}" + "".join(f"{f'loss@{s}':>10}" for s in eval_at) + f"{'vs AdamW':>9}"
             f"{'grad+opt linears':>18}{'ratio':>8}{'grad+opt all':>14}{'saved act':>11}{'act ratio':>10}{'time':>7}")
     lines = [head, "-" * len(head)]
@@ -80,6 +88,7 @@ def main() -> None:
                      + f"{r.saved_activation_bytes / base.saved_activation_bytes:>10.1%}{t / base_time:>7.2f}")
     table = "\n".join(lines)
     print("\n" + table)
+    print(f"\nreference for 'vs AdamW' and the ratios: {base.name} (the best AdamW learning rate at step {eval_at[-1]})")
     print("\nloss: held-out (tail of the corpus, never trained on); grad+opt linears: gradients + optimizer state of the "
           "compressed weights (coords for memwrap); saved act: one training forward, saved-tensor hooks; "
           "time: step time / AdamW's.")
