@@ -1,0 +1,407 @@
+"""The byte model: predicted peak memory of one training step, as named parts. Pure arithmetic.
+
+The model's shape comes from its config (a bundled name, a local directory or a hub id, read through the
+normal cache), and its weights are enumerated on the meta device with transformers' own classes, so nothing
+is loaded. Saved activations are counted tensor by tensor, following what autograd keeps for backward in
+the transformers implementations (sdpa attention, RMSNorm/LayerNorm, SiLU/GELU, routers, the loss):
+
+    N = batch · seq tokens, H hidden, I intermediate, a = bytes per activation element, V vocab.
+
+Every formula below names the op that saves the tensor; tests compare the sum with saved-tensor hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import torch
+from torch import nn
+
+from .config import LayerPlan
+from .errors import InvalidSettingsError
+
+DTYPES = {"fp32": (torch.float32, 4), "float32": (torch.float32, 4), "bf16": (torch.bfloat16, 2),
+          "bfloat16": (torch.bfloat16, 2), "fp16": (torch.float16, 2), "float16": (torch.float16, 2)}
+INDEX_BYTES = 8  # int64 indices (token ids, labels, top-k expert ids)
+FP32 = 4
+
+BUNDLED = {  # short name -> file in memwrap/configs (hand-written config.json of the public model)
+    "llama-2-7b": "llama-2-7b.json",
+    "meta-llama/llama-2-7b-hf": "llama-2-7b.json",
+    "qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b.json",
+    "qwen/qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b.json",
+    "mixtral-8x7b": "mixtral-8x7b.json",
+    "mistralai/mixtral-8x7b-v0.1": "mixtral-8x7b.json",
+    "qwen3-30b-a3b": "qwen3-30b-a3b.json",
+    "qwen/qwen3-30b-a3b": "qwen3-30b-a3b.json",
+}
+
+
+def dtype_from_name(name: str) -> tuple[torch.dtype, int]:
+    try:
+        return DTYPES[name.lower()]
+    except (KeyError, AttributeError):
+        raise InvalidSettingsError(f"dtype {name!r} is unknown; use one of fp32, bf16, fp16.") from None
+
+
+def bundled_names() -> list[str]:
+    return sorted({k for k in BUNDLED if "/" not in k})
+
+
+def load_config(model: str):
+    """A transformers config from a bundled name, a local directory / config.json, or a hub id (cache first)."""
+    from transformers import AutoConfig
+
+    key = model.strip().lower()
+    if key in BUNDLED:
+        text = resources.files("memwrap.configs").joinpath(BUNDLED[key]).read_text(encoding="utf-8")
+        data = json.loads(text)
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    if os.path.isfile(model) and model.endswith(".json"):
+        with open(model, encoding="utf-8") as f:
+            data = json.load(f)
+        if "model_type" not in data:
+            raise InvalidSettingsError(f"{model} has no model_type; is it a transformers config.json?")
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    errors = []
+    for local_only in (True, False):
+        try:
+            return AutoConfig.from_pretrained(model, local_files_only=local_only)
+        except Exception as e:  # noqa: BLE001  (hub / filesystem errors of every kind)
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    raise InvalidSettingsError(
+        f"cannot read a config for model {model!r} ({errors[-1][:160]}); pass a local directory with a config.json, "
+        f"a hub id that is cached or reachable, or a bundled name: {', '.join(bundled_names())}.")
+
+
+def meta_model(config) -> nn.Module:
+    """The model built from its config on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    with torch.device("meta"):
+        for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):
+            try:
+                return auto.from_config(config)
+            except ValueError:
+                continue
+    raise InvalidSettingsError(f"model type {config.model_type!r} has no causal- or masked-LM class in transformers.")
+
+
+# ---- the shape of a model, read from its config -------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """What the activation formulas need, read from a config."""
+
+    model_type: str
+    family: str  # "decoder" (Llama-like, causal LM) | "encoder" (BERT-like, masked LM)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int  # dense MLP width
+    vocab: int
+    qk_norm: bool = False
+    moe_layers: int = 0
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate: int = 0
+    shared_intermediate: int = 0  # Qwen2-MoE shared expert (0: none)
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        g = lambda *names, default=0: next((getattr(config, n) for n in names  # noqa: E731
+                                            if getattr(config, n, None) is not None), default)
+        hidden = g("hidden_size", "d_model", "n_embd")
+        heads = g("num_attention_heads", "n_head")
+        layers = g("num_hidden_layers", "n_layer")
+        mt = config.model_type
+        family = "encoder" if mt in ("bert", "roberta", "distilbert", "electra", "xlm-roberta") else "decoder"
+        num_experts = g("num_experts", "num_local_experts")
+        moe_layers = 0
+        if num_experts:
+            step = g("decoder_sparse_step", default=1) or 1
+            only = set(g("mlp_only_layers", default=[]) or [])
+            moe_layers = sum(1 for i in range(layers) if i not in only and (i + 1) % step == 0)
+        return cls(
+            model_type=mt, family=family, hidden=hidden, layers=layers, heads=heads,
+            kv_heads=g("num_key_value_heads", default=heads) or heads,
+            head_dim=g("head_dim", default=hidden // heads) or hidden // heads,
+            intermediate=g("intermediate_size", "n_inner", default=4 * hidden), vocab=g("vocab_size"),
+            qk_norm=mt in ("qwen3", "qwen3_moe"), moe_layers=moe_layers, num_experts=num_experts,
+            top_k=g("num_experts_per_tok", default=0),
+            moe_intermediate=g("moe_intermediate_size", default=g("intermediate_size")) if num_experts else 0,
+            shared_intermediate=g("shared_expert_intermediate_size", default=0),
+            hidden_dropout=float(g("hidden_dropout_prob", default=0.0) or 0.0) if family == "encoder" else 0.0,
+            attention_dropout=float(g("attention_probs_dropout_prob", "attention_dropout", default=0.0) or 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A trainable parameter tensor and, when memwrap can compress it, its layer shape."""
+
+    name: str
+    numel: int
+    kind: str = "other"  # "linear" | "experts" | "other"
+    in_features: int = 0
+    out_features: int = 0
+    num_experts: int = 1
+    group: str = ""
+    has_bias: bool = False
+
+
+def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
+    """Every distinct trainable parameter: compressible linears and fused experts named, the rest as "other"."""
+    from .inject import name_matches, tied_parameter_ids
+
+    tied = tied_parameter_ids(model)
+    out: list[Weight] = []
+    taken: set[int] = set()
+    for mname, mod in model.named_modules():
+        if type(mod) is nn.Linear and id(mod.weight) not in tied and not (exclude and name_matches(mname, exclude)):
+            parent = mname.rsplit(".", 1)[0] if "." in mname else ""
+            out.append(Weight(mname, mod.weight.numel(), "linear", mod.in_features, mod.out_features,
+                              group=f"{parent}:{mod.in_features}", has_bias=mod.bias is not None))
+            taken.add(id(mod.weight))
+        for pname in ("gate_up_proj", "down_proj"):
+            p = getattr(mod, pname, None)
+            if isinstance(p, nn.Parameter) and p.ndim == 3 and id(p) not in taken:
+                e, a, b = p.shape  # [E, out, in] (transposed layouts carry is_transposed)
+                n, m = (b, a) if getattr(mod, "is_transposed", False) else (a, b)
+                out.append(Weight(f"{mname}.{pname}", p.numel(), "experts", m, n, num_experts=e,
+                                  group=f"{mname}:{m}"))
+                taken.add(id(p))
+    seen = set(taken)
+    for pname, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(Weight(pname, p.numel()))
+    return out
+
+
+# ---- the estimate ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted bytes of one training step, by named part, and the peak they add up to."""
+
+    parts: tuple[tuple[str, int], ...]
+    peak_bytes: int
+    saved_activation_bytes: int  # what autograd saves for backward (saved-tensor hooks measure this)
+    details: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def part(self, name: str) -> int:
+        return dict(self.parts)[name]
+
+
+def _layer_settings(layers: tuple[LayerPlan, ...] | None) -> dict[str, LayerPlan]:
+    return {lp.name: lp for lp in (layers or ())}
+
+
+def trainable_bytes(weights: list[Weight], layers: tuple[LayerPlan, ...] | None, param_bytes: int,
+                    optimizer: str = "adamw") -> tuple[int, int]:
+    """(gradient bytes, optimizer-state bytes) of every trainable parameter.
+
+    With memwrap (layers given) a compressed weight trains through fp32 coords (E·n·c·r); its bias stays
+    trainable. optimizer: "adamw" (2 moments like each parameter) or "projfactor" (memwrap.optimizer: coords
+    get a first moment plus row/column second-moment factors, E·(n + m) fp32; the rest AdamW).
+    """
+    plan = _layer_settings(layers)
+    grads = states = 0
+    for w in weights:
+        lp = plan.get(w.name)
+        if lp is None:
+            grads += w.numel * param_bytes
+            states += 2 * w.numel * param_bytes
+            continue
+        coords = lp.coords_numel * FP32
+        grads += coords
+        if optimizer == "projfactor":
+            states += coords + lp.num_experts * (lp.out_features + lp.in_features) * FP32
+        else:
+            states += 2 * coords
+    return grads, states
+
+
+def _saved_input(names: list[str], plan: dict[str, LayerPlan], full_bytes_per_token: int, a: int,
+                 exact_reader: bool = False) -> int:
+    """Bytes per token saved for one input read by the linears `names` (siblings share x̃ at equal c, r)."""
+    exact = exact_reader or any(n not in plan for n in names)
+    total = full_bytes_per_token if exact else 0
+    shared = {(plan[n].group, plan[n].c, plan[n].r) for n in names if n in plan}
+    total += sum(c * r * a for _, c, r in shared)
+    return total
+
+
+def _names(weights: list[Weight], prefix: str, suffixes: tuple[str, ...]) -> list[str]:
+    return [w.name for w in weights if w.kind == "linear" and w.name.startswith(prefix)
+            and w.name.rsplit(".", 1)[-1] in suffixes]
+
+
+def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, ...] | None,
+                      batch_size: int, seq_len: int, dtype_bytes: int,
+                      gradient_checkpointing: bool = False) -> dict[str, int]:
+    """Bytes autograd saves for backward in one forward, by part (see the module docstring)."""
+    s = shape
+    B, T, a = batch_size, seq_len, dtype_bytes
+    N = B * T
+    H, nh, nkv, hd = s.hidden, s.heads, s.kv_heads, s.head_dim
+    plan = _layer_settings(layers)
+    f32_copy = FP32 if a < FP32 else 0  # RMSNorm upcasts its input (and keeps the upcast) below fp32
+
+    def rms_norm(width: int, rows: int) -> int:  # rsqrt (rows × 1, fp32), x.float() below fp32, weight·h saves h
+        return rows * (FP32 + width * (f32_copy + a))
+
+    def layer_norm(width: int, rows: int) -> int:  # mean and rstd (fp32) per row; the input is counted by its maker
+        return rows * 2 * FP32
+
+    parts = {"compressed inputs": 0, "linear inputs (exact)": 0, "attention": 0, "norms": 0,
+             "mlp activations": 0, "router": 0, "experts": 0, "residual stream": 0, "logits/loss": 0, "embeddings": 0}
+
+    def add_input(names, width, exact_reader=False):
+        per_tok = _saved_input(names, plan, width * a, a, exact_reader)
+        comp = sum(c * r * a for _, c, r in {(plan[n].group, plan[n].c, plan[n].r) for n in names if n in plan})
+        parts["compressed inputs"] += N * comp
+        parts["linear inputs (exact)"] += N * (per_tok - comp)
+
+    parts["embeddings"] += N * INDEX_BYTES  # embedding saves the token ids
+    per_layer: list[dict[str, int]] = []
+    if s.family == "decoder":
+        parts["attention"] += 2 * T * hd * a  # RoPE cos and sin (1, T, hd), computed once, saved by every layer's mul
+        use_gqa_repeat = False  # sdpa takes enable_gqa when there is no mask (training on full sequences)
+        moe_every = (s.layers // s.moe_layers) if s.moe_layers else 0
+        for i in range(s.layers):
+            before = dict(parts)
+            pre = f"model.layers.{i}."
+            parts["residual stream"] += N * H * a  # this layer's input (the previous add, or the embedding)
+            parts["norms"] += rms_norm(H, N)
+            add_input(_names(weights, pre, ("q_proj", "k_proj", "v_proj")), H)
+            q, k = N * nh * hd * a, N * nkv * hd * a
+            att = 0
+            if s.qk_norm:  # q_norm / k_norm over head_dim: saves q_proj/k_proj outputs plus norm internals
+                att += q + k
+                parts["norms"] += rms_norm(hd, N * nh) + rms_norm(hd, N * nkv)
+            att += (q + k) + N * nkv * hd * a  # sdpa saves q_embed, k_embed, v (RoPE's mul saves only cos/sin)
+            if use_gqa_repeat:
+                att += 2 * (nh - nkv) * N * hd * a
+            att += N * nh * hd * a + B * nh * T * FP32  # sdpa output and logsumexp
+            parts["attention"] += att
+            add_input(_names(weights, pre, ("o_proj",)), 0)  # exact: the sdpa output itself (already counted)
+            parts["residual stream"] += N * H * a  # attention residual add
+            parts["norms"] += rms_norm(H, N)
+            is_moe = bool(s.moe_layers) and (i + 1) % max(moe_every, 1) == 0 and any(
+                w.name.startswith(pre + "mlp.experts") or w.name.startswith(pre + "block_sparse_moe.experts")
+                for w in weights)
+            if is_moe:
+                E, k_, Im = s.num_experts, s.top_k, s.moe_intermediate
+                R = N * k_  # routed (token, expert) rows
+                # router: linear saves its input (the norm output, exact), softmax (fp32) output, topk ids,
+                # the renormalisation's divisor and result, the gathered routing weight per row
+                parts["router"] += N * H * a + N * E * FP32 + N * k_ * INDEX_BYTES
+                exp_names = [w.name for w in weights if w.kind == "experts" and w.name.startswith(pre)]
+                gu = next((n for n in exp_names if n.endswith("gate_up_proj")), None)
+                dn = next((n for n in exp_names if n.endswith("down_proj")), None)
+                ex = 3 * R * INDEX_BYTES + E * FP32 + R * a  # row/slot ids, group offsets, gathered routing weight
+                ex += R * (plan[gu].c * plan[gu].r * a if gu in plan else H * a)  # gate_up input (gathered tokens)
+                ex += R * 2 * Im * a + R * Im * a  # gate_up output (act saves gate, mul saves up), act output
+                ex += R * (plan[dn].c * plan[dn].r * a if dn in plan else Im * a)  # down input
+                ex += R * H * a  # down output, saved by the routing-weight mul
+                parts["experts"] += ex
+                if s.shared_intermediate:
+                    sh = pre + "mlp.shared_expert."
+                    # the shared expert reads the router's input (saved by the router anyway): only x̃ adds
+                    add_input(_names(weights, sh, ("gate_proj", "up_proj")) + _names(weights, pre + "mlp.",
+                                                                                     ("shared_expert_gate",)), 0)
+                    parts["mlp activations"] += 3 * N * s.shared_intermediate * a
+                    add_input(_names(weights, sh, ("down_proj",)), s.shared_intermediate)
+                    parts["mlp activations"] += N * a + N * H * a  # sigmoid output, shared expert output
+            else:
+                Id = s.intermediate
+                add_input(_names(weights, pre + "mlp.", ("gate_proj", "up_proj")), H)
+                parts["mlp activations"] += 3 * N * Id * a  # gate out (SiLU), SiLU out and up out (the mul)
+                add_input(_names(weights, pre + "mlp.", ("down_proj",)), Id)
+            per_layer.append({k: parts[k] - before[k] for k in parts})
+        parts["residual stream"] += N * H * a  # the last add, saved by the final norm
+        parts["norms"] += rms_norm(H, N)
+        lm_in = N * H * a  # lm_head (exact) saves the final norm's output
+    else:  # encoder (BERT): embeddings LayerNorm + dropout, post-norm layers, MLM head
+        mask = N * H * a if s.hidden_dropout > 0 else 0  # dropout keeps its (scaled) mask in the input's dtype
+        parts["embeddings"] += T * INDEX_BYTES + N * H * a + mask  # position ids, sum (LayerNorm's input)
+        parts["norms"] += layer_norm(H, N)
+        bert = "bert" if any(w.name.startswith("bert.") for w in weights) else s.model_type
+        for i in range(s.layers):
+            before = dict(parts)
+            pre = f"{bert}.encoder.layer.{i}."
+            add_input(_names(weights, pre + "attention.self.", ("query", "key", "value")), H)  # the layer input
+            parts["attention"] += 4 * N * H * a + B * nh * T * FP32  # sdpa: q, k, v, output, logsumexp
+            if s.attention_dropout > 0:  # dropout in sdpa: the math path keeps the probabilities and the mask
+                parts["attention"] += B * nh * T * T * (2 * a)
+            add_input(_names(weights, pre + "attention.output.", ("dense",)), 0)  # exact: the sdpa output itself
+            parts["residual stream"] += N * H * a + mask  # add (LayerNorm's input), dropout mask
+            parts["norms"] += layer_norm(H, N)
+            add_input(_names(weights, pre + "intermediate.", ("dense",)), H)
+            parts["mlp activations"] += N * s.intermediate * a  # dense output, saved by GELU
+            add_input(_names(weights, pre + "output.", ("dense",)), s.intermediate)  # GELU output
+            parts["residual stream"] += N * H * a + mask
+            parts["norms"] += layer_norm(H, N)
+            per_layer.append({k: parts[k] - before[k] for k in parts})
+        add_input(_names(weights, "cls.predictions.transform.", ("dense",)), H)
+        parts["mlp activations"] += N * H * a + N * H * a  # dense output (GELU), GELU output (LayerNorm)
+        parts["norms"] += layer_norm(H, N)
+        lm_in = N * H * a  # the (tied, exact) decoder saves the transform's output
+    # logits/loss: the output projection's input, log_softmax output (fp32), the labels
+    parts["logits/loss"] += lm_in + N * s.vocab * FP32 + N * INDEX_BYTES + FP32  # + the loss scalar
+    if gradient_checkpointing:
+        # only each layer's input is kept; one layer's activations live again during its recomputation
+        layer_total = sum(per_layer[0].values()) if per_layer else 0
+        kept = sum(parts.values()) - sum(sum(p.values()) for p in per_layer)
+        parts = {"layer inputs (checkpointed)": len(per_layer) * N * H * a, "rest": kept}
+        return {**parts, "_recompute": layer_total}
+    return parts
+
+
+def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
+    return tokens * shape.vocab * dtype_bytes
+
+
+def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, ...] | None, *, batch_size: int,
+             seq_len: int, dtype_bytes: int, param_bytes: int | None = None, optimizer: str = "adamw",
+             gradient_checkpointing: bool = False, chunked_cross_entropy: bool = False,
+             ce_chunk_tokens: int = 1024) -> Estimate:
+    """Predicted peak of one training step (forward, backward, optimizer step) with the given layer settings.
+
+    layers=None is plain training (every weight exact). The peak is the larger of the end of forward
+    (weights + optimizer states + saved activations + live logits + the largest transient) and the
+    optimizer step (weights + gradients + states).
+    """
+    pb = param_bytes or dtype_bytes
+    N = batch_size * seq_len
+    weight_bytes = sum(w.numel for w in weights) * pb
+    grads, states = trainable_bytes(weights, layers, pb, optimizer)
+    acts = saved_activations(shape, weights, layers, batch_size, seq_len, dtype_bytes, gradient_checkpointing)
+    recompute = acts.pop("_recompute", 0)
+    if chunked_cross_entropy:  # logits and log-probs exist one chunk at a time (recomputed in backward)
+        rows = min(N, ce_chunk_tokens)
+        acts["logits/loss"] = acts.get("logits/loss", 0) - N * shape.vocab * FP32 + N * FP32 + rows * shape.vocab * FP32
+        live_logits = rows * shape.vocab * dtype_bytes
+    else:
+        live_logits = logits_bytes(shape, N, dtype_bytes)  # the model output keeps the logits alive
+    saved = sum(acts.values())
+    # largest transient: the logits' gradient (fp32 and cast) at the start of backward, or an MLP block's
+    # temporaries, or a checkpointed layer recomputed
+    rows = min(N, ce_chunk_tokens) if chunked_cross_entropy else N
+    transient = max(rows * shape.vocab * (FP32 + dtype_bytes),
+                    N * max(shape.intermediate, shape.moe_intermediate * max(shape.top_k, 1)) * dtype_bytes * 2,
+                    recompute)
+    forward_peak = weight_bytes + states + saved + live_logits + transient
+    step_peak = weight_bytes + grads + states + max(w.numel for w in weights) * pb * 2
+    peak = max(forward_peak, step_peak)
+    parts = (("weights", weight_bytes), ("gradients", grads), ("optimizer states", states),
+             ("saved activations", saved), ("logits", live_logits), ("largest transient", transient))
+    return Estimate(parts=parts, peak_bytes=int(peak), saved_activation_bytes=int(saved),
+                    details={"activations": acts, "forward_peak": forward_peak, "step_peak": step_peak})
