@@ -22,6 +22,7 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .io import load, load_optimizer, load_plan, save
+from .planner import plan
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,5 @@ __all__ = [
     "wrap", "unwrap", "optimizer", "sync", "get_plan", "Plan", "LayerPlan", "WrapConfig",
     "MemwrapError", "InvalidSettingsError", "NoTargetsError", "AlreadyWrappedError", "NotWrappedError",
     "UnsupportedArchitectureError", "BudgetTooSmallError", "PlanMismatchError",
-    "save", "load", "load_optimizer", "load_plan", "CheckpointError",
+    "save", "load", "load_optimizer", "load_plan", "CheckpointError", "plan",
 ]

@@ -154,6 +154,7 @@ class Weight:
     num_experts: int = 1
     group: str = ""
     has_bias: bool = False
+    trainable: bool = True
 
 
 def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
@@ -167,7 +168,8 @@ def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
         if type(mod) is nn.Linear and id(mod.weight) not in tied and not (exclude and name_matches(mname, exclude)):
             parent = mname.rsplit(".", 1)[0] if "." in mname else ""
             out.append(Weight(mname, mod.weight.numel(), "linear", mod.in_features, mod.out_features,
-                              group=f"{parent}:{mod.in_features}", has_bias=mod.bias is not None))
+                              group=f"{parent}:{mod.in_features}", has_bias=mod.bias is not None,
+                              trainable=mod.weight.requires_grad))
             taken.add(id(mod.weight))
         for pname in ("gate_up_proj", "down_proj"):
             p = getattr(mod, pname, None)
@@ -181,7 +183,7 @@ def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
     for pname, p in model.named_parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            out.append(Weight(pname, p.numel()))
+            out.append(Weight(pname, p.numel(), trainable=p.requires_grad))
     return out
 
 
@@ -215,6 +217,8 @@ def trainable_bytes(weights: list[Weight], layers: tuple[LayerPlan, ...] | None,
     grads = states = 0
     for w in weights:
         lp = plan.get(w.name)
+        if not w.trainable:
+            continue
         if lp is None:
             grads += w.numel * param_bytes
             states += 2 * w.numel * param_bytes
