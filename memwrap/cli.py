@@ -1,8 +1,19 @@
-"""The `memwrap` command line."""
+"""The `memwrap` command line: demo, plan, env."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import click
+
+from .errors import MemwrapError
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, exit code 2, no traceback."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,7 +28,128 @@ def demo(steps: int) -> None:
     """Train a small Llama-shaped model on Shakespeare with and without memwrap; print loss and memory."""
     from .demo import run_demo
 
-    run_demo(steps=steps)
+    try:
+        run_demo(steps=steps)
+    except MemwrapError as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _gb(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f}"
+
+
+def plan_report(model: str, plan, baselines: dict) -> dict:
+    """The data `memwrap plan --json` prints: the plan, memwrap's parts beside the AdamW baselines."""
+    return {
+        "model": model,
+        "budget_bytes": plan.budget_bytes,
+        "batch_size": plan.batch_size,
+        "seq_len": plan.seq_len,
+        "dtype": plan.dtype,
+        "memwrap": dict(plan.memory),
+        "baselines": {k: dict(v.parts) | {"peak": v.peak_bytes} for k, v in baselines.items()},
+        "plan": plan.to_dict(),
+    }
+
+
+def format_table(model: str, plan, baselines: dict) -> str:
+    """Breakdown (GB) of memwrap beside plain AdamW and AdamW + checkpointing, then per-layer-kind settings."""
+    cols = list(baselines) + ["memwrap"]
+    parts = [k for k, _ in plan.memory if k != "peak"]
+    data = {k: dict(v.parts) | {"peak": v.peak_bytes} for k, v in baselines.items()}
+    data["memwrap"] = dict(plan.memory)
+    lines = [f"{model}: batch {plan.batch_size} × seq_len {plan.seq_len}, {plan.dtype}, "
+             f"budget {_gb(plan.budget_bytes)} GB", ""]
+    head = f"{'GB':<20}" + "".join(f"{c:>12}" for c in cols)
+    lines += [head, "-" * len(head)]
+    for part in parts + ["peak"]:
+        lines.append(f"{part:<20}" + "".join(f"{_gb(data[c].get(part)):>12}" for c in cols))
+    fits = ["yes" if data[c]["peak"] <= (plan.budget_bytes or 0) else "no" for c in cols]
+    lines.append(f"{'fits budget':<20}" + "".join(f"{f:>12}" for f in fits))
+    lines += ["", f"{'layer kind':<28}{'count':>6}{'E':>5}{'n×m':>14}{'c':>6}{'r':>5}{'c·r/m':>9}"]
+    kinds: dict[tuple, int] = {}
+    for lp in plan.layers:
+        key = (lp.name.split(".")[-1], lp.kind, lp.num_experts, lp.out_features, lp.in_features, lp.c, lp.r)
+        kinds[key] = kinds.get(key, 0) + 1
+    for (leaf, _kind, e, n, m, c, r), count in kinds.items():
+        lines.append(f"{leaf:<28}{count:>6}{e:>5}{f'{n}×{m}':>14}{c:>6}{r:>5}{c * r / m:>9.4f}")
+    extra = {"gradient checkpointing": plan.gradient_checkpointing, "chunked cross-entropy": plan.chunked_cross_entropy}
+    lines.append("")
+    lines.append(", ".join(f"{k}: {'on' if v else 'off'}" for k, v in extra.items()))
+    if plan.skipped:
+        lines.append(f"left exact: {len(plan.skipped)} weights (e.g. {plan.skipped[0][0]}: {plan.skipped[0][1]})")
+    lines.extend(plan.notes)
+    return "\n".join(lines)
+
+
+@main.command("plan")
+@click.argument("model")
+@click.option("--budget-gb", type=str, default=None, help="memory budget in GB (default: free GPU memory via NVML, else RAM)")
+@click.option("--batch-size", type=str, default=None, help="sequences per step (default 8)")
+@click.option("--seq-len", type=str, default=None, help="tokens per sequence (default min(2048, the model's max))")
+@click.option("--dtype", type=str, default="bf16", show_default=True, help="weights and activations: fp32, bf16, fp16")
+@click.option("--json", "as_json", is_flag=True, help="print JSON (for scripts)")
+@click.option("--save", "save_path", type=click.Path(dir_okay=False), default=None,
+              help="write the plan; memwrap.wrap(model, plan=PATH) applies it exactly")
+@click.option("--compress-experts/--no-compress-experts", default=None,
+              help="preview with fused MoE experts compressed or exact (default: what this memwrap does)")
+def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len: str | None, dtype: str,
+             as_json: bool, save_path: str | None, compress_experts: bool | None) -> None:
+    """Choose settings for MODEL (a bundled name, a local directory or a hub id) without loading any weights."""
+    from . import planner
+    from .errors import BudgetTooSmallError
+    from .estimate import dtype_from_name
+
+    def number(name: str, text: str | None, kind):
+        if text is None:
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            _fail(f"{name} must be a {'whole number' if kind is int else 'number'}, got {text!r}.")
+        if not value > 0:
+            _fail(f"{name} must be positive, got {text!r}.")
+        return value
+
+    budget = number("--budget-gb", budget_gb, float)
+    batch = number("--batch-size", batch_size, int)
+    seq = number("--seq-len", seq_len, int)
+    try:
+        dtype_bytes = dtype_from_name(dtype)[1]
+        the_plan = planner.plan(model, budget_gb=budget, batch_size=batch, seq_len=seq, dtype=dtype,
+                                compress_experts=compress_experts)
+        sk = planner.sketch(model, compress_experts=compress_experts)
+        base = planner.baselines(sk, batch_size=the_plan.batch_size, seq_len=the_plan.seq_len, dtype_bytes=dtype_bytes)
+    except BudgetTooSmallError as e:
+        _fail(str(e))
+    except MemwrapError as e:
+        _fail(str(e).splitlines()[0])
+    if save_path:
+        try:
+            the_plan.save(save_path)
+        except OSError as e:
+            _fail(f"cannot write {save_path}: {e}")
+    if as_json:
+        click.echo(json.dumps(plan_report(model, the_plan, base), indent=2))
+    else:
+        click.echo(format_table(model, the_plan, base))
+        if save_path:
+            click.echo(f"plan saved to {save_path}; apply it with memwrap.wrap(model, plan={save_path!r})")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def env(as_json: bool) -> None:
+    """Versions, devices, NVML free/total and RAM: what a bug report needs."""
+    from .memory import environment
+
+    info = environment()
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            click.echo(f"{k:<{width}}  {v}")
 
 
 if __name__ == "__main__":

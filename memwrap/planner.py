@@ -246,9 +246,14 @@ class ModelSketch:
     max_positions: int = DEFAULT_SEQ_LEN
 
 
-def sketch(model: str, config: WrapConfig | None = None) -> ModelSketch:
-    """Read a config (bundled name, local directory, hub id) and enumerate its weights on the meta device."""
+def sketch(model: str, config: WrapConfig | None = None, compress_experts: bool | None = None) -> ModelSketch:
+    """Read a config (bundled name, local directory, hub id) and enumerate its weights on the meta device.
+
+    compress_experts: None follows this memwrap (`experts_supported()`); True/False forces it (previews).
+    """
     config = config or WrapConfig()
+    if compress_experts is None:
+        compress_experts = experts_supported()
     hf_config = load_config(model)
     meta = meta_model(hf_config)
     adapter = resolve(meta)
@@ -259,14 +264,14 @@ def sketch(model: str, config: WrapConfig | None = None) -> ModelSketch:
         if w.kind == "linear" and (config.targets is None or inject.name_matches(w.name, config.targets)):
             targets.append(Target(w.name, "linear", w.in_features, w.out_features, 1,
                                   adapter.sibling_key(w.name, modules[w.name])))
-        elif w.kind == "experts" and experts_supported():
+        elif w.kind == "experts" and compress_experts:
             targets.append(Target(w.name, "experts", w.in_features, w.out_features, w.num_experts, w.group))
     return ModelSketch(type(meta).__name__, ModelShape.from_config(hf_config), weights, targets,
                        default_seq_len(hf_config))
 
 
 def plan(model: str, budget_gb: float | None = None, batch_size: int | None = None, seq_len: int | None = None,
-         dtype: str = "bf16", **wrap_kwargs) -> Plan:
+         dtype: str = "bf16", *, compress_experts: bool | None = None, **wrap_kwargs) -> Plan:
     """Plan a model from its config alone (nothing loaded); `wrap(model, plan=...)` applies the result exactly.
 
     dtype is that of the weights and activations (fp32, bf16, fp16). Raises BudgetTooSmallError when
@@ -276,7 +281,7 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     _, dtype_bytes = dtype_from_name(dtype)
     config = WrapConfig(**wrap_kwargs)
     config.validate()
-    sk = sketch(model, config)
+    sk = sketch(model, config, compress_experts)
     if not sk.targets:
         raise InvalidSettingsError(f"no compressible layer in {model!r} ({sk.model_class}); check targets=/exclude=.")
     budget_bytes, source = resolve_budget(budget_gb)
@@ -284,8 +289,9 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     seq = seq_len or sk.max_positions
     choice = choose(sk.shape, sk.weights, sk.targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
                     dtype_bytes=dtype_bytes, param_bytes=dtype_bytes)
-    skipped = tuple((w.name, "experts stay exact in this memwrap version") for w in sk.weights
-                    if w.kind == "experts" and not experts_supported())
+    planned = {t.name for t in sk.targets}
+    skipped = tuple((w.name, "fused experts stay exact in this memwrap version") for w in sk.weights
+                    if w.kind == "experts" and w.name not in planned)
     base = Plan(layers=(), projection=config.projection, refresh_every=config.refresh_every, seed=config.seed,
                 share_inputs=config.share_inputs, stochastic_rounding=config.stochastic_rounding, skipped=skipped,
                 model_class=sk.model_class)
