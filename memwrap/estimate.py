@@ -257,12 +257,13 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
     H, nh, nkv, hd = s.hidden, s.heads, s.kv_heads, s.head_dim
     plan = _layer_settings(layers)
     f32_copy = FP32 if a < FP32 else 0  # RMSNorm upcasts its input (and keeps the upcast) below fp32
+    norm_input = a if a >= FP32 else 0  # ... so below fp32 the input itself is not saved by the norm
 
     def rms_norm(width: int, rows: int) -> int:  # rsqrt (rows × 1, fp32), x.float() below fp32, weight·h saves h
         return rows * (FP32 + width * (f32_copy + a))
 
-    def layer_norm(width: int, rows: int) -> int:  # mean and rstd (fp32) per row; the input is counted by its maker
-        return rows * 2 * FP32
+    def layer_norm(width: int, rows: int) -> int:  # mean and rstd per row (input dtype on CPU); input counted by its maker
+        return rows * 2 * a
 
     parts = {"compressed inputs": 0, "linear inputs (exact)": 0, "attention": 0, "norms": 0,
              "mlp activations": 0, "router": 0, "experts": 0, "residual stream": 0, "logits/loss": 0, "embeddings": 0}
@@ -282,13 +283,13 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         for i in range(s.layers):
             before = dict(parts)
             pre = f"model.layers.{i}."
-            parts["residual stream"] += N * H * a  # this layer's input (the previous add, or the embedding)
+            parts["residual stream"] += N * H * norm_input  # this layer's input (the previous add, or the embedding)
             parts["norms"] += rms_norm(H, N)
             add_input(_names(weights, pre, ("q_proj", "k_proj", "v_proj")), H)
             q, k = N * nh * hd * a, N * nkv * hd * a
             att = 0
             if s.qk_norm:  # q_norm / k_norm over head_dim: saves q_proj/k_proj outputs plus norm internals
-                att += q + k
+                att += (q + k) * norm_input // a
                 parts["norms"] += rms_norm(hd, N * nh) + rms_norm(hd, N * nkv)
             att += (q + k) + N * nkv * hd * a  # sdpa saves q_embed, k_embed, v (RoPE's mul saves only cos/sin)
             if use_gqa_repeat:
@@ -296,7 +297,7 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             att += N * nh * hd * a + B * nh * T * FP32  # sdpa output and logsumexp
             parts["attention"] += att
             add_input(_names(weights, pre, ("o_proj",)), 0)  # exact: the sdpa output itself (already counted)
-            parts["residual stream"] += N * H * a  # attention residual add
+            parts["residual stream"] += N * H * norm_input  # attention residual add
             parts["norms"] += rms_norm(H, N)
             is_moe = bool(s.moe_layers) and (i + 1) % max(moe_every, 1) == 0 and any(
                 w.name.startswith(pre + "mlp.experts") or w.name.startswith(pre + "block_sparse_moe.experts")
@@ -330,7 +331,7 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
                 parts["mlp activations"] += 3 * N * Id * a  # gate out (SiLU), SiLU out and up out (the mul)
                 add_input(_names(weights, pre + "mlp.", ("down_proj",)), Id)
             per_layer.append({k: parts[k] - before[k] for k in parts})
-        parts["residual stream"] += N * H * a  # the last add, saved by the final norm
+        parts["residual stream"] += N * H * norm_input  # the last add, saved by the final norm
         parts["norms"] += rms_norm(H, N)
         lm_in = N * H * a  # lm_head (exact) saves the final norm's output
     else:  # encoder (BERT): embeddings LayerNorm + dropout, post-norm layers, MLM head
@@ -359,7 +360,8 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         parts["norms"] += layer_norm(H, N)
         lm_in = N * H * a  # the (tied, exact) decoder saves the transform's output
     # logits/loss: the output projection's input, log_softmax output (fp32), the labels
-    parts["logits/loss"] += lm_in + N * s.vocab * FP32 + N * INDEX_BYTES + FP32  # + the loss scalar
+    loss_bytes = FP32 if s.family == "decoder" else a  # causal-LM loss upcasts the logits; BERT's MLM loss does not
+    parts["logits/loss"] += lm_in + N * s.vocab * loss_bytes + N * INDEX_BYTES + loss_bytes  # + the loss scalar
     if gradient_checkpointing:
         # only each layer's input is kept; one layer's activations live again during its recomputation
         layer_total = sum(per_layer[0].values()) if per_layer else 0

@@ -1,0 +1,141 @@
+"""The byte model against measurement: saved activations (hooks), gradient/optimizer bytes, peak RSS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import memwrap
+from memwrap import estimate as est
+from memwrap.measure import SavedTensorMeter, optimizer_state_bytes
+
+
+def tiny(kind: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, LlamaConfig, Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+        model = AutoModelForCausalLM.from_config(cfg)
+    elif kind == "qwen3_moe":
+        cfg = Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                             num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:  # BERT keeps its hidden dropout; attention dropout off (sdpa would take the math path)
+        cfg = BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, attention_probs_dropout_prob=0.0)
+        model = AutoModelForMaskedLM.from_config(cfg)
+    return model.to(dtype).train()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "memwrap"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe", "bert"])
+def test_saved_activation_bytes_match_hooks(kind, wrapped, dtype):
+    model = tiny(kind, dtype)
+    shape = est.ModelShape.from_config(model.config)
+    weights = est.enumerate_weights(model)
+    layers = memwrap.wrap(model, rank=4, granularity=4).layers if wrapped else None
+    B, T = 2, 48
+    ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(0))
+    with SavedTensorMeter(model) as meter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    predicted = sum(est.saved_activations(shape, weights, layers, B, T, dtype.itemsize).values())
+    assert abs(predicted - meter.bytes) <= 0.05 * meter.bytes, (predicted, meter.bytes)
+
+
+def test_saved_activation_bytes_scale_with_tokens_and_compression():
+    """The prediction tracks a measurement at other shapes too (B, T, and c·r), not only the calibrated one."""
+    model = tiny("llama")
+    shape, weights = est.ModelShape.from_config(model.config), est.enumerate_weights(model)
+    layers = memwrap.wrap(model, rank=2, granularity=8).layers
+    for B, T in ((1, 17), (3, 64)):
+        ids = torch.randint(0, 256, (B, T))
+        with SavedTensorMeter(model) as meter:
+            model(input_ids=ids, labels=ids)
+        predicted = sum(est.saved_activations(shape, weights, layers, B, T, 4).values())
+        assert abs(predicted - meter.bytes) <= 0.05 * meter.bytes, (B, T, predicted, meter.bytes)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("optimizer", ["adamw", "projfactor", "torch-adamw-on-wrapped"])
+def test_gradient_and_optimizer_bytes_exact(kind, optimizer):
+    model = tiny(kind)
+    weights = est.enumerate_weights(model)
+    if optimizer == "adamw":
+        layers, opt = None, torch.optim.AdamW(model.parameters(), lr=1e-3)
+        predicted_kind = "adamw"
+    else:
+        layers = memwrap.wrap(model, rank=4, granularity=4).layers
+        if optimizer == "projfactor":
+            opt, predicted_kind = memwrap.optimizer(model, lr=1e-3), "projfactor"
+        else:
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            predicted_kind = "adamw"
+    ids = torch.randint(0, 256, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    opt.step()
+    pred_grads, pred_states = est.trainable_bytes(weights, layers, 4, predicted_kind)
+    assert pred_grads == grads
+    assert pred_states == optimizer_state_bytes(opt)
+
+
+RSS_WORKER = textwrap.dedent("""
+    import json, resource, sys
+    import torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    import memwrap
+    from memwrap import estimate as est
+    wrapped = sys.argv[1] == "memwrap"
+    B, T = 8, 256
+    torch.ones(1000).sum()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cfg = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg).train()
+    shape, weights = est.ModelShape.from_config(cfg), est.enumerate_weights(model)
+    layers = memwrap.wrap(model, rank=8, granularity=8).layers if wrapped else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 8000, (B, T))
+    for _ in range(2):  # the second step runs with optimizer states allocated (the steady state)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    e = est.estimate(shape, weights, layers, batch_size=B, seq_len=T, dtype_bytes=4)
+    print(json.dumps({"measured": peak - base, "predicted": e.peak_bytes, "parts": dict(e.parts),
+                      "forward": e.details["forward_peak"], "step": e.details["step_peak"]}))
+""")
+
+
+@pytest.mark.parametrize("mode", ["plain", "memwrap"])
+def test_predicted_peak_matches_rss_of_a_training_step(mode, tmp_path):
+    """A fresh process: peak RSS growth over one forward/backward/AdamW step vs the predicted peak."""
+    script = tmp_path / "rss_worker.py"
+    script.write_text(RSS_WORKER)
+    out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=300,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                              "MALLOC_MMAP_THRESHOLD_": "65536"})  # RSS follows live tensors (no heap reuse)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    print(got)
+    assert abs(got["predicted"] - got["measured"]) <= 0.15 * got["measured"], got
+
+
+def test_bundled_configs_build_on_meta_with_known_sizes():
+    """The bundled configs give the published parameter counts (within 1%), with nothing allocated."""
+    published = {"llama-2-7b": 6.74e9, "qwen1.5-moe-a2.7b": 14.3e9, "mixtral-8x7b": 46.7e9, "qwen3-30b-a3b": 30.5e9}
+    for name, count in published.items():
+        model = est.meta_model(est.load_config(name))
+        total = sum(w.numel for w in est.enumerate_weights(model))
+        assert abs(total - count) <= 0.01 * count, (name, total)
+        assert all(p.device.type == "meta" for p in model.parameters())
