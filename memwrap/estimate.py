@@ -67,7 +67,8 @@ def load_config(model: str):
             raise InvalidSettingsError(f"{model} has no model_type; is it a transformers config.json?")
         return AutoConfig.for_model(data.pop("model_type"), **data)
     errors = []
-    for local_only in (True, False):
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    for local_only in ((True,) if offline else (True, False)):
         try:
             return AutoConfig.from_pretrained(model, local_files_only=local_only)
         except Exception as e:  # noqa: BLE001  (hub / filesystem errors of every kind)
