@@ -34,8 +34,13 @@ def demo(steps: int) -> None:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
-def _gb(n: int | float | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.2f}"
+def _unit(n: float) -> tuple[str, float]:
+    """The largest of GB/MB/KB that keeps n at least 1."""
+    return next(((u, sc) for u, sc in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if n >= sc), ("B", 1.0))
+
+
+def _gb(n: int | float | None, scale: float = 1e9) -> str:
+    return "-" if n is None else f"{n / scale:.2f}"
 
 
 def plan_report(model: str, plan, baselines: dict) -> dict:
@@ -58,12 +63,13 @@ def format_table(model: str, plan, baselines: dict) -> str:
     parts = [k for k, _ in plan.memory if k != "peak"]
     data = {k: dict(v.parts) | {"peak": v.peak_bytes} for k, v in baselines.items()}
     data["memwrap"] = dict(plan.memory)
+    unit, scale = _unit(min(data[c]["peak"] for c in cols))
     lines = [f"{model}: batch {plan.batch_size} × seq_len {plan.seq_len}, {plan.dtype}, "
-             f"budget {_gb(plan.budget_bytes)} GB", ""]
-    head = f"{'GB':<20}" + "".join(f"{c:>12}" for c in cols)
+             f"budget {_gb(plan.budget_bytes, scale)} {unit}", ""]
+    head = f"{unit:<20}" + "".join(f"{c:>12}" for c in cols)
     lines += [head, "-" * len(head)]
     for part in parts + ["peak"]:
-        lines.append(f"{part:<20}" + "".join(f"{_gb(data[c].get(part)):>12}" for c in cols))
+        lines.append(f"{part:<20}" + "".join(f"{_gb(data[c].get(part), scale):>12}" for c in cols))
     fits = ["yes" if data[c]["peak"] <= (plan.budget_bytes or 0) else "no" for c in cols]
     lines.append(f"{'fits budget':<20}" + "".join(f"{f:>12}" for f in fits))
     lines += ["", f"{'layer kind':<28}{'count':>6}{'E':>5}{'n×m':>14}{'c':>6}{'r':>5}{'c·r/m':>9}"]

@@ -1,0 +1,116 @@
+"""`memwrap plan` / `memwrap env` / `memwrap demo` errors: through CliRunner and as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from tiny import tiny_llama
+
+import memwrap
+from memwrap.cli import main
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg")
+    tiny_llama().config.save_pretrained(path)
+    return str(path)
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_plan_json_parses_and_round_trips(config_dir, tmp_path):
+    save = tmp_path / "plan.json"
+    res = run("plan", config_dir, "--budget-gb", "0.01", "--batch-size", "4", "--seq-len", "64", "--dtype", "fp32",
+              "--json", "--save", str(save))
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    plan = memwrap.Plan.from_dict(data["plan"])
+    assert plan == memwrap.Plan.load(save)  # --json and --save describe the same plan
+    assert memwrap.Plan.from_json(plan.to_json()) == plan
+    assert data["memwrap"]["peak"] == dict(plan.memory)["peak"] <= data["budget_bytes"] == 10_000_000
+    assert (data["batch_size"], data["seq_len"], data["dtype"]) == (4, 64, "fp32")
+    assert data["baselines"]["AdamW"]["peak"] > data["baselines"]["AdamW+ckpt"]["peak"]
+    # the same plan as the library computes, and wrap(plan=) applies it
+    assert plan == memwrap.plan(config_dir, budget_gb=0.01, batch_size=4, seq_len=64, dtype="fp32")
+    model = tiny_llama()
+    assert memwrap.wrap(model, plan=str(save)) == plan
+
+
+def test_plan_table_has_breakdown_beside_baselines(config_dir):
+    res = run("plan", config_dir, "--budget-gb", "0.01", "--batch-size", "4", "--seq-len", "64", "--dtype", "fp32")
+    assert res.exit_code == 0, res.output
+    head = next(line for line in res.output.splitlines() if line.split()[:1] in (["GB"], ["MB"], ["KB"]))
+    assert head.split()[1:] == ["AdamW", "AdamW+ckpt", "memwrap"]
+    peak_row = next(line for line in res.output.splitlines() if line.startswith("peak"))
+    adamw, ckpt, mw = (float(x) for x in peak_row.split()[1:])
+    assert adamw >= ckpt and adamw > mw
+    for kind in ("q_proj", "down_proj", "gate_proj"):
+        assert any(line.startswith(kind) for line in res.output.splitlines())
+
+
+@pytest.mark.parametrize("args, words", [
+    (["no-such-org/no-such-model-xyz"], "bundled name"),
+    (["llama-2-7b", "--budget-gb", "0"], "positive"),
+    (["llama-2-7b", "--budget-gb", "-4"], "positive"),
+    (["llama-2-7b", "--budget-gb", "lots"], "number"),
+    (["llama-2-7b", "--batch-size", "0"], "positive"),
+    (["llama-2-7b", "--batch-size", "two"], "whole number"),
+    (["llama-2-7b", "--seq-len", "1.5"], "whole number"),
+    (["llama-2-7b", "--dtype", "int3"], "dtype"),
+    (["llama-2-7b", "--budget-gb", "1", "--batch-size", "8", "--seq-len", "4096"], "needs at least"),
+])
+def test_bad_input_is_one_line_exit_2(args, words, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run("plan", *args)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_demo_error_is_one_line_exit_2(monkeypatch):
+    import memwrap.demo
+
+    def broken(steps):
+        raise memwrap.InvalidSettingsError("rank 0 is not allowed; pass rank >= 1.")
+
+    monkeypatch.setattr(memwrap.demo, "run_demo", broken)
+    res = run("demo", "--steps", "1")
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: rank 0 is not allowed; pass rank >= 1."
+
+
+def test_env_json_names_versions_and_sources():
+    res = run("env", "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    import torch
+    import transformers
+
+    assert info["torch"] == torch.__version__ and info["transformers"] == transformers.__version__
+    assert "nvml" in info and "ram" in info and "budget source" in info
+
+
+def test_real_subprocess_plan_json_and_error(config_dir):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "memwrap.cli", "plan", config_dir, "--budget-gb", "0.01", "--batch-size", "2",
+           "--seq-len", "32", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    plan = memwrap.Plan.from_dict(json.loads(out.stdout)["plan"])
+    assert plan == memwrap.plan(config_dir, budget_gb=0.01, batch_size=2, seq_len=32)
+    bad = subprocess.run([sys.executable, "-m", "memwrap.cli", "plan", config_dir, "--budget-gb", "-1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+    envrun = subprocess.run([sys.executable, "-m", "memwrap.cli", "env"], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert envrun.returncode == 0 and "torch" in envrun.stdout and "ram" in envrun.stdout
