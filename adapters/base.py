@@ -26,6 +26,14 @@ class Adapter:
         return f"{parent}:{in_features}"
 
 
+    router_names: tuple[str, ...] = ("gate", "router", "shared_expert_gate", "switch")
+
+    def is_router(self, name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+        """Routers (and scalar expert gates) of an MoE block stay exact: memwrap never compresses them."""
+        local = name.rsplit(".", 1)[-1]
+        return local in self.router_names and parent is not None and hasattr(parent, "experts")
+
+
 class GenericAdapter(Adapter):
     def matches(self, model: nn.Module) -> bool:
         return True

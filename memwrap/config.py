@@ -73,7 +73,8 @@ class WrapConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise InvalidSettingsError(f"{key}={value!r} must be a positive integer (or None to let the planner choose).")
         if not isinstance(self.refresh_every, int) or isinstance(self.refresh_every, bool) or self.refresh_every < 1:
-            raise InvalidSettingsError(f"refresh_every={self.refresh_every!r} must be a positive integer number of optimizer steps.")
+            raise InvalidSettingsError(
+                f"refresh_every={self.refresh_every!r} must be a positive integer number of optimizer steps.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise InvalidSettingsError(f"seed={self.seed!r} must be a non-negative integer.")
         from .projection import PROJECTIONS
@@ -146,7 +147,8 @@ class Plan:
         data = dict(data)
         version = data.pop("format_version", PLAN_FORMAT_VERSION)
         if version != PLAN_FORMAT_VERSION:
-            raise PlanMismatchError(f"plan format {version} is not {PLAN_FORMAT_VERSION}; re-create it with `memwrap plan ... --save`.")
+            raise PlanMismatchError(
+                f"plan format {version} is not {PLAN_FORMAT_VERSION}; re-create it with `memwrap plan ... --save`.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -154,7 +156,8 @@ class Plan:
         try:
             data["layers"] = tuple(LayerPlan(**lp) for lp in data.get("layers", ()))
         except TypeError as e:
-            raise PlanMismatchError(f"plan has a malformed layer entry ({e}); re-create it with `memwrap plan ... --save`.") from e
+            raise PlanMismatchError(
+                f"plan has a malformed layer entry ({e}); re-create it with `memwrap plan ... --save`.") from e
         data["skipped"] = tuple(tuple(s) for s in data.get("skipped", ()))
         data["memory"] = tuple((str(k), int(v)) for k, v in data.get("memory", ()))
         data["notes"] = tuple(data.get("notes", ()))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import merge
+from . import experts, merge
 from .config import LayerPlan, Plan, WrapConfig
 from .errors import (
     AlreadyWrappedError,
@@ -17,6 +17,7 @@ from .errors import (
     NoTargetsError,
     NotWrappedError,
     PlanMismatchError,
+    UnsupportedArchitectureError,
 )
 from .layers import CompressedLinear, InputGroup
 
@@ -56,7 +57,7 @@ def tied_parameter_ids(model: nn.Module) -> set[int]:
 
 def is_wrapped(model: nn.Module) -> bool:
     return getattr(model, STATE_ATTR, None) is not None or any(
-        isinstance(m, CompressedLinear) for m in model.modules())
+        isinstance(m, CompressedLinear) or hasattr(m, experts.UNITS_ATTR) for m in model.modules())
 
 
 def find_targets(model: nn.Module, config: WrapConfig, adapter) -> tuple[list[Candidate], list[tuple[str, str]]]:
@@ -65,6 +66,26 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter) -> tuple[list[Ca
     out: list[Candidate] = []
     skipped: list[tuple[str, str]] = []
     for name, module in model.named_modules():
+        if experts.is_fused_experts(module):
+            out.extend(_experts_candidates(name, module, config, skipped))
+            continue
+        unknown = experts.unknown_expert_weights(module)
+        if unknown and config.exclude and name_matches(name, config.exclude):
+            skipped.append((name, f"expert weights {[n for n, _ in unknown]} excluded by the user: trained exactly"))
+        elif unknown:
+            raise UnsupportedArchitectureError(
+                f"{type(module).__name__} at {name!r} keeps expert weights {unknown} in a layout memwrap does not know "
+                f"(not a transformers `@use_experts_implementation` experts class). memwrap will not leave them exact "
+                f"silently: pass exclude=[..., {name!r}] to train them exactly on purpose, or convert the model to a "
+                f"transformers version with fused experts.")
+        if is_conv1d(module) and not (config.exclude and name_matches(name, config.exclude)) \
+                and (config.targets is None or name_matches(name, config.targets)):
+            if module.weight.requires_grad and id(module.weight) not in tied:
+                out.append(Candidate(name, module, module.weight.shape[0], module.weight.shape[1],
+                                     adapter.sibling_key(name, module), module.weight.dtype))
+            else:
+                skipped.append((name, "weight is frozen or tied"))
+            continue
         if not isinstance(module, nn.Linear):
             continue
         if config.exclude and name_matches(name, config.exclude):
@@ -73,6 +94,10 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter) -> tuple[list[Ca
             continue
         cls = type(module).__name__
         weight = getattr(module, "weight", None)
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if adapter.is_router(name, module, parent):
+            skipped.append((name, "MoE router: kept exact"))
+            continue
         if weight is None or not isinstance(weight, torch.Tensor):
             skipped.append((name, f"{cls} has no weight tensor"))
         elif any(mark in cls.lower() for mark in QUANT_MARKERS) or not weight.is_floating_point() \
@@ -90,6 +115,34 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter) -> tuple[list[Ca
             out.append(Candidate(name, module, module.in_features, module.out_features,
                                  adapter.sibling_key(name, module), weight.dtype))
     return out, skipped
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2-style Conv1D: y = x W + b with W stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), nn.Parameter) \
+        and module.weight.ndim == 2 and module.weight.is_floating_point()
+
+
+def _experts_candidates(name: str, module: nn.Module, config: WrapConfig, skipped) -> list[Candidate]:
+    """Both fused weights of an experts module, or neither (filters apply to the module's name)."""
+    if config.exclude and name_matches(name, config.exclude):
+        return []
+    pnames = experts.fused_params(module)
+    full = [f"{name}.{p}" for p in pnames]
+    if config.targets is not None and not any(name_matches(n, config.targets) for n in [name] + full):
+        return []
+    if getattr(module, "_is_expert_parallel", False):
+        raise UnsupportedArchitectureError(f"{type(module).__name__} at {name!r} runs with expert parallelism, which "
+                                           "memwrap does not support yet; wrap the model before distributing experts.")
+    weights = [getattr(module, p) for p in pnames]
+    if not all(w.requires_grad and w.is_floating_point() for w in weights):
+        skipped.append((name, "expert weights are frozen or not floating point"))
+        return []
+    out = []
+    for pname, full_name, w in zip(pnames, full, weights):
+        e, n, m = experts.expert_shape(module, pname)
+        out.append(Candidate(full_name, module, m, n, full_name, w.dtype, kind="experts", num_experts=e))
+    return out
 
 
 def settings_for(cand: Candidate, rank: int, granularity: int) -> tuple[int, int]:
@@ -145,14 +198,26 @@ def build_plan(model: nn.Module, config: WrapConfig, candidates: list[Candidate]
 def check_plan_against_model(model: nn.Module, plan: Plan) -> None:
     """PlanMismatchError unless every planned linear exists with the planned shape."""
     modules = dict(model.named_modules())
-    for lp in plan.linear_layers:
-        mod = modules.get(lp.name)
-        if mod is None:
-            raise PlanMismatchError(f"plan names layer {lp.name!r}, which this model ({type(model).__name__}) does not have; "
-                                    f"the plan was made for {plan.model_class or 'another model'}.")
-        if type(mod) is not nn.Linear or (mod.in_features, mod.out_features) != (lp.in_features, lp.out_features):
-            raise PlanMismatchError(f"plan expects {lp.name!r} to be a Linear {lp.out_features}×{lp.in_features}, "
-                                    f"found {mod!r}; make the plan for this model.")
+    for lp in plan.layers:
+        if lp.kind == "experts":
+            mod_name, _, pname = lp.name.rpartition(".")
+            mod = modules.get(mod_name)
+            ok = mod is not None and experts.is_fused_experts(mod) and pname in experts.fused_params(mod) \
+                and experts.expert_shape(mod, pname) == (lp.num_experts, lp.out_features, lp.in_features)
+            if not ok:
+                raise PlanMismatchError(f"plan expects fused experts {lp.name!r} of {lp.num_experts}×{lp.out_features}×"
+                                        f"{lp.in_features}, which this model ({type(model).__name__}) does not have; "
+                                        f"the plan was made for {plan.model_class or 'another model'}.")
+        else:
+            mod = modules.get(lp.name)
+            if mod is None:
+                raise PlanMismatchError(f"plan names layer {lp.name!r}, which this model ({type(model).__name__}) does not "
+                                        f"have; the plan was made for {plan.model_class or 'another model'}.")
+            shape = tuple(mod.weight.shape[::-1]) if is_conv1d(mod) else (mod.in_features, mod.out_features) \
+                if type(mod) is nn.Linear else None
+            if shape != (lp.in_features, lp.out_features):
+                raise PlanMismatchError(f"plan expects {lp.name!r} to be a Linear {lp.out_features}×{lp.in_features}, "
+                                        f"found {mod!r}; make the plan for this model.")
         if lp.in_features % lp.c or not 1 <= lp.r <= lp.in_features // lp.c:
             raise PlanMismatchError(f"plan entry {lp.name!r} has c={lp.c}, r={lp.r}, invalid for in_features={lp.in_features}.")
 
@@ -162,19 +227,36 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[CompressedLinear]:
     modules = dict(model.named_modules())
     groups: dict[tuple, InputGroup] = {}
     built: list[tuple[str, CompressedLinear]] = []
-    for lp in plan.linear_layers:
+    units: dict[str, list] = {}
+    for lp in plan.layers:
         key = (lp.group if plan.share_inputs and lp.group else lp.name, lp.in_features, lp.c, lp.r)
         group = groups.get(key)
         if group is None:
             group = groups[key] = InputGroup(key[0], lp.in_features, lp.c, lp.r, plan.projection, plan.seed)
+        if lp.kind == "experts":
+            mod_name, _, pname = lp.name.rpartition(".")
+            units.setdefault(mod_name, []).append(experts.ExpertsUnit(
+                modules[mod_name], mod_name, pname, lp.c, lp.r, group, refresh_every=plan.refresh_every,
+                stochastic_rounding=plan.stochastic_rounding))
+            continue
         built.append((lp.name, CompressedLinear(modules[lp.name], lp.name, lp.c, lp.r, group,
                                                 refresh_every=plan.refresh_every,
                                                 stochastic_rounding=plan.stochastic_rounding)))
+    previous_impl = None
+    if units:
+        experts.register_implementation()
+        previous_impl = getattr(model.config, "_experts_implementation", None)
+        model.set_experts_implementation(experts.IMPLEMENTATION)
     for name, new in built:
         set_submodule(model, name, new)
         new.weight.requires_grad_(False)
         merge.register(new)
-    return [m for _, m in built]
+    for mod_name, mod_units in units.items():
+        experts.attach(modules[mod_name], mod_units)
+        for unit in mod_units:
+            merge.register(unit)
+    object.__setattr__(model, "_memwrap_previous_experts_impl", previous_impl)
+    return [m for _, m in built] + [u for us in units.values() for u in us]
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -200,6 +282,15 @@ def restore_all(model: nn.Module) -> int:
         merge.unregister(module)
         set_submodule(model, name, base)
         count += 1
+    restored_experts = False
+    for module in model.modules():
+        for unit in experts.detach(module):
+            merge.unregister(unit)
+            count += 1
+            restored_experts = True
+    previous = model.__dict__.pop("_memwrap_previous_experts_impl", None)
+    if restored_experts and previous is not None:
+        model.set_experts_implementation(previous)
     return count
 
 
@@ -222,5 +313,6 @@ def no_targets_error(model: nn.Module, config: WrapConfig, skipped) -> NoTargets
            f"targets={list(config.targets) if config.targets is not None else 'all'}, exclude={list(config.exclude)}.")
     if skipped:
         msg += " Left exact: " + "; ".join(f"{n} ({why})" for n, why in skipped[:5]) + "."
-    msg += " Pass targets= with names that exist (e.g. 'q_proj' or 'layers.*.mlp.*') or check that the model has float linear layers."
+    msg += (" Pass targets= with names that exist (e.g. 'q_proj' or 'layers.*.mlp.*') or check that the model has "
+            "float linear layers.")
     return NoTargetsError(msg)

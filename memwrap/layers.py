@@ -81,10 +81,12 @@ class _CompressedLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b; saves (W, x̃) only. Backward: exact dX and db, G_s = dYᵀ x̃ as the gradient of coords."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, coords, x_tilde, cdt):
+    def forward(ctx, x, weight, bias, coords, x_tilde, cdt, transposed=False):
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x.to(cdt), weight.to(cdt), None if bias is None else bias.to(cdt))
+            w = weight.to(cdt)
+            y = F.linear(x.to(cdt), w.t() if transposed else w, None if bias is None else bias.to(cdt))
         ctx.save_for_backward(weight, x_tilde)
+        ctx.transposed = transposed
         ctx.x_meta = (x.shape, x.dtype)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.coords_dtype = coords.dtype
@@ -97,14 +99,15 @@ class _CompressedLinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, n)
         dx = db = dcoords = None
         if ctx.needs_input_grad[0]:
-            dx = (dy2 @ weight.to(dy2.dtype)).reshape(x_shape).to(x_dtype)  # exact: (N, n) @ (n, m)
+            w = weight.to(dy2.dtype)
+            dx = (dy2 @ (w.t() if ctx.transposed else w)).reshape(x_shape).to(x_dtype)  # exact: (N, n) @ (n, m)
         if ctx.needs_input_grad[2]:
             db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         if ctx.needs_input_grad[3]:
             n, (N, c, r) = dy2.shape[1], x_tilde.shape
             g_s = dy2.to(x_tilde.dtype).T @ x_tilde.reshape(N, c * r)  # G_s = dYᵀ x̃: (n, N) @ (N, c·r)
             dcoords = g_s.reshape(n, c, r).to(ctx.coords_dtype)
-        return dx, None, db, dcoords, None, None
+        return dx, None, db, dcoords, None, None, None
 
 
 def lift(coords: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -143,11 +146,13 @@ class CompressedLinear(nn.Module):
     `lifted(coords, index=None)` -> weight-shaped tensor, `apply_delta(delta, decay, step)`, `merge(...)`.
     """
 
-    def __init__(self, base: nn.Linear, name: str, c: int, r: int, group: InputGroup, *,
+    def __init__(self, base: nn.Module, name: str, c: int, r: int, group: InputGroup, *,
                  refresh_every: int = 25, stochastic_rounding: bool = True):
         super().__init__()
         self.refresh_every = refresh_every
-        self.in_features, self.out_features = base.in_features, base.out_features
+        # nn.Linear keeps weight as (out, in); GPT-2's Conv1D as (in, out)
+        self.transposed = not isinstance(base, nn.Linear)
+        self.out_features, self.in_features = base.weight.shape[::-1] if self.transposed else base.weight.shape
         self.layer_name, self.c, self.r, self.group = name, c, r, group
         self.stochastic_rounding = stochastic_rounding
         self.weight = base.weight
@@ -169,12 +174,14 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (torch.is_grad_enabled() and self.coords.requires_grad):
+            if self.transposed:  # Conv1D: x @ W + b
+                return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).reshape(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
         if self not in merge._LAYERS:  # a deepcopy or an unpickled copy: make its optimizer steps merge too
             merge.register(self)
         cdt = compute_dtype(x)
         x_tilde = self.group.compress(x, cdt)
-        return _CompressedLinearFn.apply(x, self.weight, self.bias, self.coords, x_tilde, cdt)
+        return _CompressedLinearFn.apply(x, self.weight, self.bias, self.coords, x_tilde, cdt, self.transposed)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -190,7 +197,7 @@ class CompressedLinear(nn.Module):
 
     def apply_delta(self, delta: torch.Tensor, decay: float, step: int) -> None:
         """W ← W·decay + delta, delta weight-shaped (n × m)."""
-        add_to_weight(self.weight, delta, decay, stochastic=self.stochastic_rounding,
+        add_to_weight(self.weight, delta.t() if self.transposed else delta, decay, stochastic=self.stochastic_rounding,
                       seed=self.group.seed, name=self.layer_name, step=step)
 
     def merge(self, delta_coords: torch.Tensor, decay: float, step: int) -> None:

@@ -44,6 +44,16 @@ def hook_installed() -> bool:
     return _HOOK is not None
 
 
+def units_of(model) -> list:
+    """Every compressed unit of a model: CompressedLinear modules and fused-experts units, in module order."""
+    out = []
+    for m in model.modules():
+        if m in _LAYERS or hasattr(m, "coords") and hasattr(m, "group") and hasattr(m, "apply_delta"):
+            out.append(m)
+        out.extend(getattr(m, "_memwrap_experts", {}).values())
+    return out
+
+
 def layers_by_coords() -> dict[int, object]:
     """id(coords parameter) -> module, rebuilt on each call (FSDP2 replaces parameters with DTensors)."""
     return {id(m.coords): m for m in list(_LAYERS)}

@@ -110,7 +110,7 @@ class MemwrapOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def for_model(cls, model: nn.Module, *, lr, kind, betas, eps, weight_decay, error_feedback, no_decay):
-        compressed = [m for m in model.modules() if m in merge._LAYERS]
+        compressed = merge.units_of(model)
         coords_ids = {id(m.coords) for m in compressed}
         decay, plain = [], []
         for name, p in model.named_parameters():

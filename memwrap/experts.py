@@ -1,0 +1,244 @@
+"""Fused MoE experts (transformers 5.x `@use_experts_implementation` classes) with compressed inputs.
+
+Each fused weight (`gate_up_proj` / `up_proj` and `down_proj`, E experts of n × m, stored as [E, n, m] or
+transposed [E, m, n]) becomes an `ExpertsUnit`: a `coords` parameter of shape (E, n, c, r) registered on the
+experts module, a frozen weight, and one P per fused weight (shared by its experts, so inputs are compressed
+before they are grouped). The forward pass is transformers' grouped-matmul algorithm with the two projections
+replaced by `_ExpertsLinearFn`, which saves only x̃ of the routed tokens (S × c·r, S = tokens × top_k) and
+gives exact input gradients, exact routing-weight gradients (through autograd, untouched) and G_s per expert.
+
+The implementation is registered in transformers' own `ExpertsInterface` under the name "memwrap" and selected
+per model instance with `model.set_experts_implementation("memwrap")`; unwrap restores the previous choice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+from .layers import InputGroup, add_to_weight, compute_dtype, lift, local
+
+IMPLEMENTATION = "memwrap"
+UNITS_ATTR = "_memwrap_experts"  # {param name: ExpertsUnit} on a wrapped experts module
+EXPERT_PARAM_NAMES = ("gate_up_proj", "up_proj", "down_proj", "w1", "w2", "w3", "experts_weight")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers experts module dispatched through `use_experts_implementation`."""
+    return all(hasattr(module, a) for a in ("has_gate", "is_transposed", "has_bias", "_apply_gate", "num_experts")) \
+        and isinstance(getattr(module, "down_proj", None), nn.Parameter)
+
+
+def fused_params(module: nn.Module) -> list[str]:
+    return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
+
+
+def expert_shape(module: nn.Module, pname: str) -> tuple[int, int, int]:
+    """(E, n, m) of a fused weight: E experts mapping m inputs to n outputs."""
+    w = getattr(module, pname)
+    e, a, b = w.shape
+    return (e, b, a) if module.is_transposed else (e, a, b)
+
+
+def unknown_expert_weights(module: nn.Module) -> list[tuple[str, tuple]]:
+    """3-D float parameters of a non-fused-experts module that look like expert weights (unknown layout)."""
+    if is_fused_experts(module) or isinstance(module, nn.modules.conv._ConvNd):
+        return []
+    looks_moe = any(k in type(module).__name__.lower() for k in ("expert", "moe"))
+    return [(n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False)
+            if p.ndim == 3 and p.is_floating_point() and p.requires_grad and (looks_moe or n in EXPERT_PARAM_NAMES)]
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped matmul over experts (rows of `a` sorted by expert, `offs` the cumulative counts).
+
+    a (S, k) @ b (E, k, n) -> (S, n); or a (k, S) @ b (S, n) -> (E, k, n) (the per-expert weight-gradient
+    shape). Uses torch's grouped_mm kernel where it applies, else one mm per expert, like transformers.
+    """
+    if hasattr(F, "grouped_mm"):
+        try:
+            return F.grouped_mm(a, b, offs=offs)
+        except (RuntimeError, NotImplementedError):
+            pass
+    bounds = [0] + offs.tolist()
+    if b.dim() == 3:
+        out = a.new_zeros(a.shape[0], b.shape[-1])
+        for e in range(b.shape[0]):
+            s, t = bounds[e], bounds[e + 1]
+            if t > s:
+                torch.mm(a[s:t], b[e], out=out[s:t])
+        return out
+    out = a.new_zeros(len(bounds) - 1, a.shape[0], b.shape[-1])
+    for e in range(len(bounds) - 1):
+        s, t = bounds[e], bounds[e + 1]
+        if t > s:
+            torch.mm(a[:, s:t], b[s:t], out=out[e])
+    return out
+
+
+class _ExpertsLinearFn(torch.autograd.Function):
+    """y_s = x_s W_eᵀ for each routed row s of expert e; saves (W, x̃, offs). dX exact; G_s[e] = dY_eᵀ x̃_e."""
+
+    @staticmethod
+    def forward(ctx, x, weight, coords, x_tilde, offs, transposed, cdt):
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(cdt)
+            y = grouped_mm(x.to(cdt), w if transposed else w.transpose(-1, -2), offs)  # (S, m) @ (E, m, n)
+        ctx.save_for_backward(weight, x_tilde, offs)
+        ctx.meta = (transposed, x.dtype, coords.dtype, coords.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, x_tilde, offs = ctx.saved_tensors
+        transposed, x_dtype, coords_dtype, coords_shape = ctx.meta
+        dx = dcoords = None
+        if ctx.needs_input_grad[0]:
+            w = weight.to(dy.dtype)
+            dx = grouped_mm(dy, w.transpose(-1, -2) if transposed else w, offs).to(x_dtype)  # (S, n) @ (E, n, m)
+        if ctx.needs_input_grad[2]:
+            g_s = grouped_mm(dy.to(x_tilde.dtype).T, x_tilde, offs)  # (n, S) @ (S, c·r) -> (E, n, c·r)
+            dcoords = g_s.reshape(coords_shape).to(coords_dtype)
+        return dx, None, dcoords, None, None, None, None
+
+
+class ExpertsUnit:
+    """One compressed fused expert weight; follows the protocol of CompressedLinear (see memwrap.layers)."""
+
+    def __init__(self, module: nn.Module, module_name: str, pname: str, c: int, r: int, group: InputGroup, *,
+                 refresh_every: int = 25, stochastic_rounding: bool = True):
+        self.module, self.pname, self.layer_name = module, pname, f"{module_name}.{pname}"
+        self.num_experts, self.out_features, self.in_features = expert_shape(module, pname)
+        self.c, self.r, self.group = c, r, group
+        self.refresh_every, self.stochastic_rounding = refresh_every, stochastic_rounding
+        self.refresh_index = 0
+        self.transposed = bool(module.is_transposed)
+        self.coords_name = f"{pname}_memwrap_coords"
+        w = getattr(module, pname)
+        self._weight_requires_grad = w.requires_grad
+        self.new_coords = nn.Parameter(torch.zeros(self.num_experts, self.out_features, c, r, device=w.device))
+
+    @property
+    def coords(self) -> nn.Parameter:
+        return getattr(self.module, self.coords_name)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.module, self.pname)
+
+    @property
+    def d(self) -> int:
+        return self.in_features // self.c
+
+    def lifted(self, coords: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """(E, n, c, r) coordinates -> (E, n, m), in the logical (out × in) orientation."""
+        c = local(coords)
+        p = self.group.projection(self.refresh_index if index is None else index, device=c.device)
+        return lift(c.float(), p)
+
+    def apply_delta(self, delta: torch.Tensor, decay: float, step: int) -> None:
+        add_to_weight(self.weight, delta.transpose(-1, -2) if self.transposed else delta, decay,
+                      stochastic=self.stochastic_rounding, seed=self.group.seed, name=self.layer_name, step=step)
+
+    def merge(self, delta_coords: torch.Tensor, decay: float, step: int) -> None:
+        self.apply_delta(self.lifted(delta_coords), decay, step)
+
+
+def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' grouped-mm experts algorithm with compressed saved inputs (exact where nothing is saved)."""
+    units = getattr(self, UNITS_ATTR, None)
+    if not units or not torch.is_grad_enabled() or not any(u.coords.requires_grad for u in units.values()):
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if self._is_expert_parallel:
+        raise UnsupportedArchitectureError(f"{type(self).__name__}: expert parallelism is not supported by memwrap yet; "
+                                           "unwrap the model or train without expert parallelism.")
+    from . import merge
+
+    for u in units.values():  # a deepcopy or unpickled copy: make its optimizer steps merge too
+        if u not in merge._LAYERS:
+            merge.register(u)
+    num_tokens, top_k = hidden_states.shape[0], top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)  # (S,)
+    expert_ids_g, perm = torch.sort(expert_ids, stable=True)
+    token_g = perm // top_k
+    offs = torch.bincount(expert_ids_g, minlength=self.num_experts).cumsum(0).to(torch.int32)
+    cdt = compute_dtype(hidden_states)
+    up = units["gate_up_proj" if self.has_gate else "up_proj"]
+    down = units["down_proj"]
+
+    x_tilde = up.group.compress(hidden_states, cdt).reshape(num_tokens, -1)[token_g]  # compress T rows, gather S
+    h = _ExpertsLinearFn_apply(up, hidden_states[token_g], x_tilde, offs, cdt)  # (S, n_up)
+    if self.has_bias:
+        h = h + getattr(self, up.pname + "_bias")[expert_ids_g]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (S, I)
+    h_tilde = down.group.compress(h, cdt).reshape(h.shape[0], -1)
+    out = _ExpertsLinearFn_apply(down, h, h_tilde, offs, cdt)  # (S, H)
+    if self.has_bias:
+        out = out + self.down_proj_bias[expert_ids_g]
+    if self.has_post_expert_norm:
+        out = self.post_expert_norm(out)
+    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    out = out[inv].view(num_tokens, top_k, -1).sum(dim=1)
+    return out.to(hidden_states.dtype)
+
+
+def _ExpertsLinearFn_apply(unit: ExpertsUnit, x, x_tilde, offs, cdt):  # noqa: N802
+    return _ExpertsLinearFn.apply(x, unit.weight, unit.coords, x_tilde, offs, unit.transposed, cdt)
+
+
+def register_implementation() -> None:
+    """Add "memwrap" to transformers' ExpertsInterface (its sanctioned extension point); idempotent."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ExpertsInterface.register(IMPLEMENTATION, memwrap_experts_forward)
+
+
+def _drop_unit_coords(module, state_dict, prefix, local_metadata):
+    for unit in getattr(module, UNITS_ATTR, {}).values():
+        state_dict.pop(prefix + unit.coords_name, None)
+    return state_dict
+
+
+def _accept_missing_coords(module, incompatible_keys):
+    names = {unit.coords_name for unit in getattr(module, UNITS_ATTR, {}).values()}
+    for key in list(incompatible_keys.missing_keys):
+        if key.rsplit(".", 1)[-1] in names:
+            incompatible_keys.missing_keys.remove(key)
+
+
+def attach(module: nn.Module, units: list[ExpertsUnit]) -> None:
+    """Register coords, freeze the fused weights, install the state-dict hooks (the only mutation)."""
+    for unit in units:
+        module.register_parameter(unit.coords_name, unit.new_coords)
+        del unit.new_coords
+        unit.weight.requires_grad_(False)
+    object.__setattr__(module, UNITS_ATTR, {u.pname: u for u in units})
+    handles = [module._register_state_dict_hook(_drop_unit_coords),
+               module.register_load_state_dict_post_hook(_accept_missing_coords)]
+    object.__setattr__(module, "_memwrap_hook_handles", handles)
+
+
+def detach(module: nn.Module) -> list[ExpertsUnit]:
+    """Merge anything pending, drop coords, unfreeze, remove hooks. Returns the units removed."""
+    units = list(getattr(module, UNITS_ATTR, {}).values())
+    for unit in units:
+        with torch.no_grad():
+            pending = unit.coords.detach()
+            if torch.count_nonzero(local(pending)):
+                unit.merge(pending, 1.0, 0)
+        delattr(module, unit.coords_name)
+        unit.weight.requires_grad_(unit._weight_requires_grad)
+    for h in getattr(module, "_memwrap_hook_handles", []):
+        h.remove()
+    for attr in (UNITS_ATTR, "_memwrap_hook_handles"):
+        if attr in module.__dict__:
+            object.__delattr__(module, attr)
+    return units
