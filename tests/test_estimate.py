@@ -97,7 +97,13 @@ RSS_WORKER = textwrap.dedent("""
     from memwrap import estimate as est
     wrapped = sys.argv[1] == "memwrap"
     B, T = 8, 256
-    torch.ones(1000).sum()
+    # warm-up: the same ops on a tiny model, so code pages and thread pools exist before the baseline
+    _w = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False))
+    _o = torch.optim.AdamW(_w.parameters())
+    _w(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss.backward()
+    _o.step()
+    del _w, _o
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cfg = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)

@@ -1,0 +1,161 @@
+"""Planner benchmark: plans for the bundled configs at 24/40/80 GB, and predicted vs measured bytes on tiny models.
+
+    OMP_NUM_THREADS=1 python tools/bench_planner.py [--batch-size 8 --seq-len 2048 --dtype bf16]
+
+Part 1 (nothing loaded): for each bundled config, the predicted peak of plain AdamW, AdamW + gradient
+checkpointing and the memwrap plan at each budget (MoE models twice: fused experts exact, as this memwrap
+wraps them now, and compressed, as the experts support will).
+Part 2: tiny models built from configs: predicted saved-activation bytes vs saved-tensor hooks, and the
+predicted peak vs the measured peak RSS growth of two training steps in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import memwrap
+from memwrap import estimate as est
+from memwrap import planner
+from memwrap.errors import BudgetTooSmallError
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f}"
+
+
+def bundled_table(batch: int, seq: int, dtype: str, budgets=(24, 40, 80)) -> str:
+    _, a = est.dtype_from_name(dtype)
+    head = (f"{'model':<20}{'experts':<10}{'budget':>7}{'AdamW':>9}{'+ckpt':>9}{'memwrap':>9}"
+            f"{'c·r/m':>8}{'ckpt':>6}{'chunkCE':>8}  note")
+    lines = [f"bundled configs, batch {batch} × seq_len {seq}, {dtype}; peaks in GB", head, "-" * len(head)]
+    for name in est.bundled_names():
+        sk0 = planner.sketch(name, compress_experts=False)
+        moe = any(w.kind == "experts" for w in sk0.weights)
+        for experts in ((False, True) if moe else (None,)):
+            sk = planner.sketch(name, compress_experts=bool(experts))
+            base = planner.baselines(sk, batch_size=batch, seq_len=seq, dtype_bytes=a)
+            label = "-" if experts is None else ("compressed" if experts else "exact")
+            for budget in budgets:
+                row = f"{name:<20}{label:<10}{budget:>7}{gb(base['AdamW'].peak_bytes):>9}{gb(base['AdamW+ckpt'].peak_bytes):>9}"
+                try:
+                    p = memwrap.plan(name, budget_gb=budget, batch_size=batch, seq_len=seq, dtype=dtype,
+                                     compress_experts=bool(experts))
+                    lp = p.layers[0]
+                    row += (f"{gb(dict(p.memory)['peak']):>9}{f'1/{round(lp.in_features / (lp.c * lp.r))}':>8}"
+                            f"{'on' if p.gradient_checkpointing else 'off':>6}{'on' if p.chunked_cross_entropy else 'off':>8}")
+                except BudgetTooSmallError as e:
+                    fit = f"batch {e.max_batch_size} fits" if e.max_batch_size else "no batch fits"
+                    row += f"{'-':>9}{'-':>8}{'-':>6}{'-':>8}  needs {gb(e.min_budget_bytes)} GB; {fit}"
+                lines.append(row)
+    return "\n".join(lines)
+
+
+def tiny_models():
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, LlamaConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4)
+    yield "llama", lambda: AutoModelForCausalLM.from_config(LlamaConfig(
+        intermediate_size=256, num_key_value_heads=2, tie_word_embeddings=False, **common))
+    yield "qwen3_moe", lambda: AutoModelForCausalLM.from_config(Qwen3MoeConfig(
+        intermediate_size=256, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, num_key_value_heads=2,
+        head_dim=32, tie_word_embeddings=False, **common))
+    yield "bert", lambda: AutoModelForMaskedLM.from_config(BertConfig(
+        intermediate_size=256, attention_probs_dropout_prob=0.0, **common))
+
+
+def saved_table() -> str:
+    from memwrap.measure import SavedTensorMeter
+
+    head = f"{'model':<11}{'dtype':<6}{'mode':<9}{'tokens':>7}{'predicted':>12}{'measured':>12}{'error':>8}"
+    lines = ["saved activations (bytes): byte model vs saved-tensor hooks", head, "-" * len(head)]
+    for name, make in tiny_models():
+        for dtype in (torch.float32, torch.bfloat16):
+            for mode in ("plain", "memwrap"):
+                torch.manual_seed(0)
+                model = make().to(dtype).train()
+                shape, weights = est.ModelShape.from_config(model.config), est.enumerate_weights(model)
+                layers = memwrap.wrap(model, rank=8, granularity=4).layers if mode == "memwrap" else None
+                B, T = 4, 128
+                ids = torch.randint(0, 512, (B, T))
+                with SavedTensorMeter(model) as meter:
+                    model(input_ids=ids, labels=ids)
+                pred = sum(est.saved_activations(shape, weights, layers, B, T, dtype.itemsize).values())
+                lines.append(f"{name:<11}{str(dtype).split('.')[-1]:<6}{mode:<9}{B * T:>7}{pred:>12}{meter.bytes:>12}"
+                             f"{pred / meter.bytes - 1:>+8.1%}")
+    return "\n".join(lines)
+
+
+RSS_WORKER = """
+import json, resource, sys
+import torch
+torch.set_num_threads(1)
+from transformers import AutoModelForCausalLM, LlamaConfig
+import memwrap
+from memwrap import estimate as est
+mode, B, T = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# warm-up: the same ops on a tiny model, so code pages and thread pools exist before the baseline
+_w = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False))
+_o = torch.optim.AdamW(_w.parameters())
+_w(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss.backward()
+_o.step()
+del _w, _o
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+cfg = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+model = AutoModelForCausalLM.from_config(cfg).train()
+shape, weights = est.ModelShape.from_config(cfg), est.enumerate_weights(model)
+layers = memwrap.wrap(model, rank=8, granularity=8).layers if mode == "memwrap" else None
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+ids = torch.randint(0, 8000, (B, T))
+for _ in range(2):
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+e = est.estimate(shape, weights, layers, batch_size=B, seq_len=T, dtype_bytes=4)
+print(json.dumps({"measured": peak - base, "predicted": e.peak_bytes}))
+"""
+
+
+def rss_table() -> str:
+    head = f"{'model':<34}{'mode':<9}{'B×T':>9}{'predicted MB':>14}{'measured MB':>13}{'error':>8}"
+    lines = ["peak memory of a training step (fresh process, RSS growth, fp32, AdamW): predicted vs measured",
+             head, "-" * len(head)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
+    for B, T in ((4, 256), (8, 256)):
+        for mode in ("plain", "memwrap"):
+            out = subprocess.run([sys.executable, "-c", RSS_WORKER, mode, str(B), str(T)], capture_output=True,
+                                 text=True, env=env, timeout=600)
+            if out.returncode:
+                lines.append(f"llama h512 L4 V8000 {mode}: failed: {out.stderr.strip().splitlines()[-1]}")
+                continue
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            lines.append(f"{'llama h512 L4 V8000':<34}{mode:<9}{f'{B}×{T}':>9}{got['predicted'] / 1e6:>14.1f}"
+                         f"{got['measured'] / 1e6:>13.1f}{got['predicted'] / got['measured'] - 1:>+8.1%}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--skip-measured", action="store_true", help="only the bundled-config table")
+    args = ap.parse_args()
+    print(bundled_table(args.batch_size, args.seq_len, args.dtype))
+    if not args.skip_measured:
+        print()
+        print(saved_table())
+        print()
+        print(rss_table())
+
+
+if __name__ == "__main__":
+    main()
