@@ -213,7 +213,7 @@ def check_plan_against_model(model: nn.Module, plan: Plan) -> None:
             if mod is None:
                 raise PlanMismatchError(f"plan names layer {lp.name!r}, which this model ({type(model).__name__}) does not "
                                         f"have; the plan was made for {plan.model_class or 'another model'}.")
-            shape = tuple(mod.weight.shape[::-1]) if is_conv1d(mod) else (mod.in_features, mod.out_features) \
+            shape = tuple(mod.weight.shape) if is_conv1d(mod) else (mod.in_features, mod.out_features) \
                 if type(mod) is nn.Linear else None
             if shape != (lp.in_features, lp.out_features):
                 raise PlanMismatchError(f"plan expects {lp.name!r} to be a Linear {lp.out_features}×{lp.in_features}, "
