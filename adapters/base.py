@@ -15,14 +15,21 @@ class Adapter:
         config = getattr(model, "config", None)
         return getattr(config, "model_type", None) in self.model_types
 
+    siblings: tuple[tuple[str, ...], ...] = ()  # local names of linears that read one input tensor
+
     def sibling_key(self, name: str, module: nn.Module) -> str:
         """Layers with equal keys (and equal in_features, c, r) share one P and one saved x̃.
 
         Sharing is always safe: the saved x̃ is reused only when the very same input tensor arrives, so
-        grouping layers that read different inputs costs nothing but a shared seed.
+        grouping layers that read different inputs costs nothing but a shared seed. A family's declared
+        sibling sets name the groups; otherwise layers under one parent with one input width are grouped.
         """
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-        in_features = getattr(module, "in_features", None)
+        parent, _, local = name.rpartition(".")
+        for group in self.siblings:
+            if local in group:
+                return f"{parent}:{'+'.join(group)}"
+        weight = getattr(module, "weight", None)
+        in_features = getattr(module, "in_features", None) or (weight.shape[0] if weight is not None else None)
         return f"{parent}:{in_features}"
 
 
@@ -30,16 +37,20 @@ class Adapter:
 
     def is_router(self, name: str, module: nn.Module, parent: nn.Module | None) -> bool:
         """Routers (and scalar expert gates) of an MoE block stay exact: memwrap never compresses them."""
-        local = name.rsplit(".", 1)[-1]
+        *owners, local = name.split(".")
+        if any(o in ("router", "routers") for o in owners):  # e.g. SwitchTransformers' router.classifier
+            return True
         return local in self.router_names and parent is not None and hasattr(parent, "experts")
 
 
 class GenericAdapter(Adapter):
+    """Any model no family claims: every float nn.Linear (and Conv1D, and fused experts) memwrap finds."""
+
     def matches(self, model: nn.Module) -> bool:
         return True
 
 
-ADAPTERS: list[Adapter] = []  # family adapters, most specific first; the generic one is the fallback
+ADAPTERS: list[Adapter] = []  # family adapters (filled by adapters/__init__.py); the generic one is the fallback
 
 
 def resolve(model: nn.Module) -> Adapter:

@@ -1,0 +1,10 @@
+"""BERT-style encoders: query/key/value read one input."""
+
+from .base import Adapter
+
+
+class BertAdapter(Adapter):
+    name = "bert"
+    model_types = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie", "roformer", "data2vec-text",
+                   "xmod", "mpnet")
+    siblings = (("query", "key", "value"), ("q", "k", "v"))
