@@ -56,8 +56,16 @@ def build_model(config, seed: int = 0) -> torch.nn.Module:
 
 
 def _linear_weight_names(model) -> set[str]:
-    return {n + ".weight" for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear | CompressedLinear) and not n.endswith("lm_head")}
+    """Names of the weights memwrap compresses by default: linears (not lm_head) and fused expert weights."""
+    from .experts import fused_params, is_fused_experts
+
+    names = set()
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear | CompressedLinear) and not n.endswith("lm_head"):
+            names.add(n + ".weight")
+        elif is_fused_experts(m):
+            names.update(f"{n}.{p}" for p in fused_params(m))
+    return names
 
 
 def _grad_opt_bytes(model, optimizer, weight_names: set[str]) -> tuple[int, int]:
@@ -70,6 +78,8 @@ def _grad_opt_bytes(model, optimizer, weight_names: set[str]) -> tuple[int, int]
             wrapped_params.append(p)
         elif name.endswith(".coords") and owner + ".weight" in weight_names:
             wrapped_params.append(p)
+        elif name.endswith("_memwrap_coords") and name[: -len("_memwrap_coords")] in weight_names:
+            wrapped_params.append(p)  # fused experts: <module>.<param>_memwrap_coords
     grads = {id(p): p.grad.numel() * p.grad.element_size() for p in params.values() if p.grad is not None}
     wrapped = sum(grads.get(id(p), 0) for p in wrapped_params) + optimizer_state_bytes(optimizer, wrapped_params)
     total = sum(grads.values()) + optimizer_state_bytes(optimizer)

@@ -75,13 +75,13 @@ def main() -> None:
     adamw_runs = [r for r in results if r.name.startswith("AdamW")]
     base = min(adamw_runs, key=lambda r: r.heldout[eval_at[-1]])  # the best-tuned AdamW is the reference
     base_time = sum(results[0].step_seconds[1:]) / max(1, len(results[0].step_seconds) - 1)
-    head = (f"{'run':<22}" + "".join(f"{f'loss@{s}':>10}" for s in eval_at) + f"{'vs AdamW':>9}"
+    head = (f"{'run':<28}" + "".join(f"{f'loss@{s}':>10}" for s in eval_at) + f"{'vs AdamW':>9}"
             f"{'grad+opt linears':>18}{'ratio':>8}{'grad+opt all':>14}{'saved act':>11}{'act ratio':>10}{'time':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
         t = sum(r.step_seconds[1:]) / max(1, len(r.step_seconds) - 1)
         last = r.heldout[eval_at[-1]]
-        lines.append(f"{r.name:<22}" + "".join(f"{r.heldout[s]:>10.3f}" for s in eval_at)
+        lines.append(f"{r.name:<28}" + "".join(f"{r.heldout[s]:>10.3f}" for s in eval_at)
                      + f"{last / base.heldout[eval_at[-1]] - 1:>+9.1%}"
                      + f"{fmt_bytes(r.wrapped_grad_opt_bytes):>18}{r.wrapped_grad_opt_bytes / base.wrapped_grad_opt_bytes:>8.1%}"
                      + f"{fmt_bytes(r.total_grad_opt_bytes):>14}{fmt_bytes(r.saved_activation_bytes):>11}"
