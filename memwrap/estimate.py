@@ -178,7 +178,7 @@ def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
                 e, a, b = p.shape  # [E, out, in] (transposed layouts carry is_transposed)
                 n, m = (b, a) if getattr(mod, "is_transposed", False) else (a, b)
                 out.append(Weight(f"{mname}.{pname}", p.numel(), "experts", m, n, num_experts=e,
-                                  group=f"{mname}:{m}"))
+                                  group=f"{mname}.{pname}"))
                 taken.add(id(p))
     seen = set(taken)
     for pname, p in model.named_parameters():

@@ -244,6 +244,7 @@ class ModelSketch:
     weights: list[Weight]
     targets: list[Target]
     max_positions: int = DEFAULT_SEQ_LEN
+    skipped: tuple[tuple[str, str], ...] = ()  # what wrap would leave exact, and why
 
 
 def sketch(model: str, config: WrapConfig | None = None, compress_experts: bool | None = None) -> ModelSketch:
@@ -258,16 +259,21 @@ def sketch(model: str, config: WrapConfig | None = None, compress_experts: bool 
     meta = meta_model(hf_config)
     adapter = resolve(meta)
     weights = enumerate_weights(meta, exclude=config.exclude)
-    modules = dict(meta.named_modules())
+    # the same targets as wrap would find on the loaded model: inject.find_targets, whose only objection on the
+    # meta device is the device itself (those entries come back as "skipped" and are taken as targets here)
+    candidates, skipped = inject.find_targets(meta, config, adapter)
+    meta_skipped = {name for name, why in skipped if why.startswith("weight is on the meta device")}
     targets = []
-    for w in weights:
-        if w.kind == "linear" and (config.targets is None or inject.name_matches(w.name, config.targets)):
-            targets.append(Target(w.name, "linear", w.in_features, w.out_features, 1,
-                                  adapter.sibling_key(w.name, modules[w.name])))
-        elif w.kind == "experts" and compress_experts:
-            targets.append(Target(w.name, "experts", w.in_features, w.out_features, w.num_experts, w.group))
+    for name, mod in meta.named_modules():
+        if name in meta_skipped:
+            targets.append(Target(name, "linear", mod.in_features, mod.out_features, 1, adapter.sibling_key(name, mod)))
+    targets += [Target(c.name, c.kind, c.in_features, c.out_features, c.num_experts, c.group_key) for c in candidates
+                if c.kind != "experts" or compress_experts]
+    order = {w.name: i for i, w in enumerate(weights)}
+    targets.sort(key=lambda t: order.get(t.name, len(order)))
+    left_exact = tuple((n, why) for n, why in skipped if n not in meta_skipped)
     return ModelSketch(type(meta).__name__, ModelShape.from_config(hf_config), weights, targets,
-                       default_seq_len(hf_config))
+                       default_seq_len(hf_config), left_exact)
 
 
 def plan(model: str, budget_gb: float | None = None, batch_size: int | None = None, seq_len: int | None = None,
@@ -290,8 +296,8 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     choice = choose(sk.shape, sk.weights, sk.targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
                     dtype_bytes=dtype_bytes, param_bytes=dtype_bytes)
     planned = {t.name for t in sk.targets}
-    skipped = tuple((w.name, "fused experts stay exact in this memwrap version") for w in sk.weights
-                    if w.kind == "experts" and w.name not in planned)
+    skipped = sk.skipped + tuple((w.name, "fused experts left exact (compress_experts=False)") for w in sk.weights
+                                 if w.kind == "experts" and w.name not in planned)
     base = Plan(layers=(), projection=config.projection, refresh_every=config.refresh_every, seed=config.seed,
                 share_inputs=config.share_inputs, stochastic_rounding=config.stochastic_rounding, skipped=skipped,
                 model_class=sk.model_class)

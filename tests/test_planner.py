@@ -160,3 +160,21 @@ def test_settings_at_matches_the_level():
             c, r = planner.settings_at(m, level)
             assert m % c == 0 and 1 <= r <= m // c
             assert c * r <= max(1, int(m * level)) and c * r >= 0.75 * m * level
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_moe_plan_from_config_equals_plan_from_instance(family, tmp_path):
+    """Experts, shared experts and routers: the config-only plan is the one wrap makes, and it applies."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_experts_per_tok=2, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = (Qwen2MoeConfig(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, **common)
+           if family == "qwen2_moe" else MixtralConfig(num_local_experts=4, **common))
+    cfg.save_pretrained(tmp_path)
+    plan = memwrap.plan(str(tmp_path), budget_gb=0.05, batch_size=2, seq_len=32, dtype="fp32")
+    model = AutoModelForCausalLM.from_config(cfg)
+    same = planner.plan_for_model(model, memwrap.WrapConfig(), budget_gb=0.05, batch_size=2, seq_len=32)
+    assert plan.expert_layers and [lp.to_dict() for lp in plan.layers] == [lp.to_dict() for lp in same.layers]
+    assert dict(plan.memory) == dict(same.memory)
+    assert memwrap.wrap(model, plan=plan) == plan

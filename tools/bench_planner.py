@@ -92,9 +92,13 @@ def saved_table() -> str:
 
 
 RSS_WORKER = """
-import json, resource, sys
+import json, sys
 import torch
 torch.set_num_threads(1)
+def hwm():  # peak RSS of this process image (ru_maxrss would carry the parent's over exec)
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) * 1024
 from transformers import AutoModelForCausalLM, LlamaConfig
 import memwrap
 from memwrap import estimate as est
@@ -106,7 +110,7 @@ _o = torch.optim.AdamW(_w.parameters())
 _w(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss.backward()
 _o.step()
 del _w, _o
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = hwm()
 cfg = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
 model = AutoModelForCausalLM.from_config(cfg).train()
@@ -118,7 +122,7 @@ for _ in range(2):
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 e = est.estimate(shape, weights, layers, batch_size=B, seq_len=T, dtype_bytes=4)
 print(json.dumps({"measured": peak - base, "predicted": e.peak_bytes}))
 """
