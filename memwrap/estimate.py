@@ -13,6 +13,7 @@ Every formula below names the op that saves the tensor; tests compare the sum wi
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -68,11 +69,18 @@ def load_config(model: str):
         return AutoConfig.for_model(data.pop("model_type"), **data)
     errors = []
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    for local_only in ((True,) if offline else (True, False)):
-        try:
-            return AutoConfig.from_pretrained(model, local_files_only=local_only)
-        except Exception as e:  # noqa: BLE001  (hub / filesystem errors of every kind)
-            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    offline = offline or model.startswith(("/", ".", "~")) or model.count("/") > 1  # a path, not a hub id
+    hub_logger = logging.getLogger("huggingface_hub")  # its retry warnings would break "one line per error"
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        for local_only in ((True,) if offline else (True, False)):
+            try:
+                return AutoConfig.from_pretrained(model, local_files_only=local_only)
+            except Exception as e:  # noqa: BLE001  (hub / filesystem errors of every kind)
+                errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    finally:
+        hub_logger.setLevel(level)
     raise InvalidSettingsError(
         f"cannot read a config for model {model!r} ({errors[-1][:160]}); pass a local directory with a config.json, "
         f"a hub id that is cached or reachable, or a bundled name: {', '.join(bundled_names())}.")
