@@ -28,6 +28,7 @@ DTYPES = {"fp32": (torch.float32, 4), "float32": (torch.float32, 4), "bf16": (to
           "bfloat16": (torch.bfloat16, 2), "fp16": (torch.float16, 2), "float16": (torch.float16, 2)}
 INDEX_BYTES = 8  # int64 indices (token ids, labels, top-k expert ids)
 FP32 = 4
+KNOWN_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "bert")
 
 BUNDLED = {  # short name -> file in memwrap/configs (hand-written config.json of the public model)
     "llama-2-7b": "llama-2-7b.json",
@@ -122,6 +123,11 @@ class ModelShape:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
 
+    @property
+    def exact_formulas(self) -> bool:
+        """Whether the activation formulas were written (and tested) for this architecture."""
+        return self.model_type in KNOWN_TYPES
+
     @classmethod
     def from_config(cls, config) -> ModelShape:
         g = lambda *names, default=0: next((getattr(config, n) for n in names  # noqa: E731
@@ -168,7 +174,7 @@ class Weight:
 
 def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
     """Every distinct trainable parameter: compressible linears and fused experts named, the rest as "other"."""
-    from .inject import name_matches, tied_parameter_ids
+    from .inject import is_conv1d, name_matches, tied_parameter_ids
 
     tied = tied_parameter_ids(model)
     out: list[Weight] = []
@@ -179,6 +185,12 @@ def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
             out.append(Weight(mname, mod.weight.numel(), "linear", mod.in_features, mod.out_features,
                               group=f"{parent}:{mod.in_features}", has_bias=mod.bias is not None,
                               trainable=mod.weight.requires_grad))
+            taken.add(id(mod.weight))
+        elif is_conv1d(mod) and id(mod.weight) not in tied and not (exclude and name_matches(mname, exclude)):
+            m_, n_ = mod.weight.shape  # GPT-2 Conv1D stores W as (in, out)
+            parent = mname.rsplit(".", 1)[0] if "." in mname else ""
+            out.append(Weight(mname, mod.weight.numel(), "linear", m_, n_, group=f"{parent}:{m_}",
+                              has_bias=mod.bias is not None, trainable=mod.weight.requires_grad))
             taken.add(id(mod.weight))
         for pname in ("gate_up_proj", "down_proj"):
             p = getattr(mod, pname, None)
@@ -277,7 +289,10 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
     parts = {"compressed inputs": 0, "linear inputs (exact)": 0, "attention": 0, "norms": 0,
              "mlp activations": 0, "router": 0, "experts": 0, "residual stream": 0, "logits/loss": 0, "embeddings": 0}
 
+    consumed: set[str] = set()
+
     def add_input(names, width, exact_reader=False):
+        consumed.update(names)
         per_tok = _saved_input(names, plan, width * a, a, exact_reader)
         comp = sum(c * r * a for _, c, r in {(plan[n].group, plan[n].c, plan[n].r) for n in names if n in plan})
         parts["compressed inputs"] += N * comp
@@ -369,6 +384,13 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         parts["norms"] += layer_norm(H, N)
         lm_in = N * H * a  # the (tied, exact) decoder saves the transform's output
     # logits/loss: the output projection's input, log_softmax output (fp32), the labels
+    # linears the family formulas did not name (another architecture): each saves its input (or its x̃)
+    rest = [w for w in weights if w.kind == "linear" and w.name not in consumed and w.trainable]
+    by_group: dict[str, list[Weight]] = {}
+    for w in rest:
+        by_group.setdefault(w.group, []).append(w)
+    for group in by_group.values():
+        add_input([w.name for w in group], group[0].in_features)
     loss_bytes = FP32 if s.family == "decoder" else a  # causal-LM loss upcasts the logits; BERT's MLM loss does not
     parts["logits/loss"] += lm_in + N * s.vocab * loss_bytes + N * INDEX_BYTES + loss_bytes  # + the loss scalar
     if gradient_checkpointing:

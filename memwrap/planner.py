@@ -149,10 +149,13 @@ def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, b
         f"cross-entropy); {where}.", min_budget_bytes=int(need), max_batch_size=max_batch)
 
 
-def _notes(choice: Choice, source: str) -> tuple[str, ...]:
+def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tuple[str, ...]:
     notes = [f"budget from {source}",
              f"compression c·r/m = 1/{round(1 / choice.level)}: mean relative gradient variance "
              f"{relative_variance(choice.layers):.1f} (0 is exact)"]
+    if shape is not None and not shape.exact_formulas:
+        notes.append(f"activation bytes of {shape.model_type!r} are approximated with the Llama-like formulas "
+                     "(tested: llama, mistral, qwen2/3, qwen2/3-moe, mixtral, bert)")
     if choice.gradient_checkpointing:
         notes.append("needs gradient checkpointing to fit: call model.gradient_checkpointing_enable() "
                      "(wrap does not turn it on)")
@@ -188,12 +191,13 @@ def default_seq_len(config) -> int:
     return int(min(DEFAULT_SEQ_LEN, limit))
 
 
-def _finish(base: Plan, choice: Choice, budget_bytes: int, batch: int, seq: int, dtype: str, source: str) -> Plan:
+def _finish(base: Plan, choice: Choice, budget_bytes: int, batch: int, seq: int, dtype: str, source: str,
+            shape: ModelShape | None = None) -> Plan:
     memory = tuple(choice.estimate.parts) + (("peak", choice.estimate.peak_bytes),)
     return replace(base, layers=choice.layers, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq, dtype=dtype,
                    gradient_checkpointing=choice.gradient_checkpointing,
                    chunked_cross_entropy=choice.chunked_cross_entropy, memory=memory,
-                   notes=_notes(choice, source))
+                   notes=_notes(choice, source, shape))
 
 
 _DTYPE_NAMES = {4: "fp32", 2: "bf16"}
@@ -226,7 +230,8 @@ def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batc
     param_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), dtype_bytes)
     choice = choose(shape, weights, targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
                     dtype_bytes=dtype_bytes, param_bytes=param_bytes)
-    return _finish(base, choice, budget_bytes, batch, seq, _DTYPE_NAMES.get(dtype_bytes, f"{dtype_bytes}-byte"), source)
+    return _finish(base, choice, budget_bytes, batch, seq, _DTYPE_NAMES.get(dtype_bytes, f"{dtype_bytes}-byte"), source,
+                   shape)
 
 
 # ---- planning from a config, nothing loaded ---------------------------------------------------------------
@@ -301,7 +306,7 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     base = Plan(layers=(), projection=config.projection, refresh_every=config.refresh_every, seed=config.seed,
                 share_inputs=config.share_inputs, stochastic_rounding=config.stochastic_rounding, skipped=skipped,
                 model_class=sk.model_class)
-    return _finish(base, choice, budget_bytes, batch, seq, dtype.lower(), source)
+    return _finish(base, choice, budget_bytes, batch, seq, dtype.lower(), source, sk.shape)
 
 
 def baselines(sk: ModelSketch, *, batch_size: int, seq_len: int, dtype_bytes: int) -> dict[str, Estimate]:
