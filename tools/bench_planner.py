@@ -72,7 +72,7 @@ def tiny_models():
 def saved_table() -> str:
     from memwrap.measure import SavedTensorMeter
 
-    head = f"{'model':<11}{'dtype':<6}{'mode':<9}{'tokens':>7}{'predicted':>12}{'measured':>12}{'error':>8}"
+    head = f"{'model':<11}{'dtype':<10}{'mode':<9}{'tokens':>7}{'predicted':>12}{'measured':>12}{'error':>8}"
     lines = ["saved activations (bytes): byte model vs saved-tensor hooks", head, "-" * len(head)]
     for name, make in tiny_models():
         for dtype in (torch.float32, torch.bfloat16):
@@ -86,7 +86,7 @@ def saved_table() -> str:
                 with SavedTensorMeter(model) as meter:
                     model(input_ids=ids, labels=ids)
                 pred = sum(est.saved_activations(shape, weights, layers, B, T, dtype.itemsize).values())
-                lines.append(f"{name:<11}{str(dtype).split('.')[-1]:<6}{mode:<9}{B * T:>7}{pred:>12}{meter.bytes:>12}"
+                lines.append(f"{name:<11}{str(dtype).split('.')[-1]:<10}{mode:<9}{B * T:>7}{pred:>12}{meter.bytes:>12}"
                              f"{pred / meter.bytes - 1:>+8.1%}")
     return "\n".join(lines)
 
