@@ -149,3 +149,22 @@ def test_bundled_configs_build_on_meta_with_known_sizes():
         total = sum(w.numel for w in est.enumerate_weights(model))
         assert abs(total - count) <= 0.01 * count, (name, total)
         assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_a_missing_path_never_goes_to_the_hub(tmp_path, monkeypatch):
+    """A path that does not exist is an error at once: only the local lookup runs, whatever HF_HUB_OFFLINE says."""
+    from transformers import AutoConfig
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+    real = AutoConfig.from_pretrained
+
+    def spy(name, **kw):
+        calls.append(kw.get("local_files_only"))
+        return real(name, **kw)
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", spy)
+    for missing in (str(tmp_path / "no" / "model"), "./no/such/model"):
+        with pytest.raises(memwrap.InvalidSettingsError, match="cannot read a config"):
+            est.load_config(missing)
+    assert calls == [True, True]
