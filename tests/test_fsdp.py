@@ -50,7 +50,10 @@ def test_fsdp2_trains_like_one_process_and_merges_shard_locally(fsdp_dir, config
         print(f"{config}: max |W_fsdp - W_single| / |W_single - W_init| {rel:.3g}")
         assert rel < 0.1
     else:
-        assert max((weights["full"][k] - single_state[k]).abs().max().item() for k in single_state) < 1e-5
+        # MoE: each expert's G_s sums its routed tokens over two ranks (another summation order), and Adam turns
+        # 1-ulp gradient differences on near-zero entries into ~1e-5 weight differences; the 7-step updates are ~2e-2
+        tol = 1e-4 if model_kind == "moe" else 1e-5
+        assert max((weights["full"][k] - single_state[k]).abs().max().item() for k in single_state) < tol
     assert info["refresh_index"] == STEPS // 3
     # no communication in the optimizer step and merge, but ProjFactor's two all-reduced row means per layer
     expected = 0 if opt_kind in ("adamw", "subspace") else 2 * info["compressed_layers"]
