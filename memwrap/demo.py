@@ -167,3 +167,50 @@ def run_demo(steps: int = 40) -> list[RunResult]:
           f"bytes for the linear layers and {mw.saved_activation_bytes / base.saved_activation_bytes:.1%} of its saved "
           f"activations; held-out loss {mw.heldout[steps]:.3f} vs {base.heldout[steps]:.3f}.")
     return results
+
+
+def mean_step_seconds(r: RunResult) -> float:
+    """Mean step time, the first (warm-up) step left out."""
+    return sum(r.step_seconds[1:]) / max(1, len(r.step_seconds) - 1)
+
+
+def results_table(results: list[RunResult], eval_at: tuple[int, ...], base: RunResult, *, compressed_label: str,
+                  name_width: int = 28) -> str:
+    """Held-out losses, loss vs `base`, grad+optimizer bytes (compressed weights and all), saved activations, time."""
+    t0 = mean_step_seconds(results[0])
+    head = (f"{'run':<{name_width}}" + "".join(f"{f'loss@{s}':>10}" for s in eval_at) + f"{'vs AdamW':>9}"
+            f"{compressed_label:>21}{'ratio':>8}{'grad+opt all':>14}{'saved act':>11}{'act ratio':>10}{'time':>7}")
+    lines = [head, "-" * len(head)]
+    last = eval_at[-1]
+    for r in results:
+        lines.append(f"{r.name:<{name_width}}" + "".join(f"{r.heldout[s]:>10.3f}" for s in eval_at)
+                     + f"{r.heldout[last] / base.heldout[last] - 1:>+9.1%}"
+                     + f"{fmt_bytes(r.wrapped_grad_opt_bytes):>21}"
+                     + f"{r.wrapped_grad_opt_bytes / base.wrapped_grad_opt_bytes:>8.1%}"
+                     + f"{fmt_bytes(r.total_grad_opt_bytes):>14}{fmt_bytes(r.saved_activation_bytes):>11}"
+                     + f"{r.saved_activation_bytes / base.saved_activation_bytes:>10.1%}"
+                     + f"{mean_step_seconds(r) / t0:>7.2f}")
+    return "\n".join(lines)
+
+
+def plot_losses(results: list[RunResult], path: str, title: str) -> str | None:
+    """Smoothed train loss per run, held-out losses as dots; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for r in results:
+        window = [r.train_losses[max(0, i - 10):i + 1] for i in range(len(r.train_losses))]
+        (line,) = ax.plot(range(1, len(window) + 1), [sum(w) / len(w) for w in window], label=r.name, lw=1)
+        ax.plot(list(r.heldout), list(r.heldout.values()), "o", color=line.get_color())
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (smoothed); dots: held-out")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

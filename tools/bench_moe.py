@@ -16,7 +16,7 @@ import os
 import torch
 
 import memwrap
-from memwrap.demo import RunSpec, fmt_bytes, train_side_by_side
+from memwrap.demo import RunSpec, plot_losses, results_table, train_side_by_side
 
 
 def qwen3_moe_config(hidden=128, layers=4, experts=8, top_k=2, moe_intermediate=128):
@@ -51,40 +51,11 @@ def main() -> None:
                                  seq_len=args.seq_len, eval_at=eval_at, log_every=25)
     adamw = [r for r in results if r.name.startswith("AdamW")]
     base = min(adamw, key=lambda r: r.heldout[eval_at[-1]])
-    t0 = sum(results[0].step_seconds[1:]) / max(1, len(results[0].step_seconds) - 1)
-    head = (f"{'run':<24}" + "".join(f"{f'loss@{s}':>10}" for s in eval_at) + f"{'vs AdamW':>9}{'grad+opt compressed':>21}"
-            f"{'ratio':>8}{'grad+opt all':>14}{'saved act':>11}{'act ratio':>10}{'time':>7}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        t = sum(r.step_seconds[1:]) / max(1, len(r.step_seconds) - 1)
-        lines.append(f"{r.name:<24}" + "".join(f"{r.heldout[s]:>10.3f}" for s in eval_at)
-                     + f"{r.heldout[eval_at[-1]] / base.heldout[eval_at[-1]] - 1:>+9.1%}"
-                     + f"{fmt_bytes(r.wrapped_grad_opt_bytes):>21}{r.wrapped_grad_opt_bytes / base.wrapped_grad_opt_bytes:>8.1%}"
-                     + f"{fmt_bytes(r.total_grad_opt_bytes):>14}{fmt_bytes(r.saved_activation_bytes):>11}"
-                     + f"{r.saved_activation_bytes / base.saved_activation_bytes:>10.1%}{t / t0:>7.2f}")
-    print("\n" + "\n".join(lines))
+    print("\n" + results_table(results, eval_at, base, compressed_label="grad+opt compressed"))
     print(f"\nreference: {base.name} (the better AdamW at step {eval_at[-1]}); compressed = attention linears + fused "
           "experts (routers, norms, embeddings and lm_head stay exact); time: step time / first row's.")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        smooth = [sum(r.train_losses[max(0, i - 10):i + 1]) / len(r.train_losses[max(0, i - 10):i + 1])
-                  for i in range(len(r.train_losses))]
-        (line,) = ax.plot(range(1, len(smooth) + 1), smooth, label=r.name, lw=1)
-        ax.plot(list(r.heldout), list(r.heldout.values()), "o", color=line.get_color())
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (smoothed); dots: held-out")
-    ax.legend()
-    ax.set_title("memwrap vs AdamW, tiny Qwen3-MoE on Shakespeare")
-    path = os.path.join(args.out, "bench_moe.png")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    print(f"plot: {path}")
+    path = plot_losses(results, os.path.join(args.out, "bench_moe.png"), "memwrap vs AdamW, tiny Qwen3-MoE on Shakespeare")
+    print(f"plot: {path}" if path else "matplotlib not installed: no plot")
 
 
 if __name__ == "__main__":

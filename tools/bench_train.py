@@ -17,7 +17,7 @@ import os
 import torch
 
 import memwrap
-from memwrap.demo import RunSpec, fmt_bytes, llama_config, train_side_by_side
+from memwrap.demo import RunSpec, llama_config, plot_losses, results_table, train_side_by_side
 
 
 def specs(lr: float, refresh_every: int, sweep_lrs: tuple[float, ...] = ()) -> list[RunSpec]:
@@ -74,19 +74,7 @@ def main() -> None:
                                  seq_len=args.seq_len, eval_at=eval_at, log_every=25)
     adamw_runs = [r for r in results if r.name.startswith("AdamW")]
     base = min(adamw_runs, key=lambda r: r.heldout[eval_at[-1]])  # the best-tuned AdamW is the reference
-    base_time = sum(results[0].step_seconds[1:]) / max(1, len(results[0].step_seconds) - 1)
-    head = (f"{'run':<28}" + "".join(f"{f'loss@{s}':>10}" for s in eval_at) + f"{'vs AdamW':>9}"
-            f"{'grad+opt linears':>18}{'ratio':>8}{'grad+opt all':>14}{'saved act':>11}{'act ratio':>10}{'time':>7}")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        t = sum(r.step_seconds[1:]) / max(1, len(r.step_seconds) - 1)
-        last = r.heldout[eval_at[-1]]
-        lines.append(f"{r.name:<28}" + "".join(f"{r.heldout[s]:>10.3f}" for s in eval_at)
-                     + f"{last / base.heldout[eval_at[-1]] - 1:>+9.1%}"
-                     + f"{fmt_bytes(r.wrapped_grad_opt_bytes):>18}{r.wrapped_grad_opt_bytes / base.wrapped_grad_opt_bytes:>8.1%}"
-                     + f"{fmt_bytes(r.total_grad_opt_bytes):>14}{fmt_bytes(r.saved_activation_bytes):>11}"
-                     + f"{r.saved_activation_bytes / base.saved_activation_bytes:>10.1%}{t / base_time:>7.2f}")
-    table = "\n".join(lines)
+    table = results_table(results, eval_at, base, compressed_label="grad+opt linears")
     print("\n" + table)
     print(f"\nreference for 'vs AdamW' and the ratios: {base.name} (the best AdamW learning rate at step {eval_at[-1]})")
     print("\nloss: held-out (tail of the corpus, never trained on); grad+opt linears: gradients + optimizer state of the "
@@ -96,28 +84,8 @@ def main() -> None:
         json.dump({"args": vars(args), "table": table,
                    "runs": [{"name": r.name, "note": r.note, "heldout": r.heldout, "train": r.train_losses}
                             for r in results]}, f)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for r in results:
-        k = 10
-        smooth = [sum(r.train_losses[max(0, i - k):i + 1]) / len(r.train_losses[max(0, i - k):i + 1])
-                  for i in range(len(r.train_losses))]
-        (line,) = ax.plot(range(1, len(smooth) + 1), smooth, label=r.name, lw=1)
-        ax.plot(list(r.heldout), list(r.heldout.values()), "o", color=line.get_color())
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (smoothed); dots: held-out")
-    ax.legend(fontsize=8)
-    ax.set_title("memwrap vs AdamW, tiny Llama on Shakespeare")
-    path = os.path.join(args.out, "bench_train.png")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    print(f"plot: {path}")
+    path = plot_losses(results, os.path.join(args.out, "bench_train.png"), "memwrap vs AdamW, tiny Llama on Shakespeare")
+    print(f"plot: {path}" if path else "matplotlib not installed: no plot")
 
 
 if __name__ == "__main__":
