@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import resume_worker
 import torch
 from safetensors.torch import load_file
 from tiny import tiny_llama, token_batch
@@ -32,16 +33,7 @@ def build(opt_kind, model=None):
 
 
 def train(model, opt, steps):
-    losses = []
-    for step in steps:
-        ids = batch(step)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return resume_worker.train(model, opt, steps, batch)
 
 
 @pytest.mark.parametrize("how", ["helpers", "by-hand"])
