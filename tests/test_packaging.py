@@ -23,9 +23,17 @@ def test_adapters_package_importable_after_install(tmp_path, editable):
     # torch, transformers, ... come from this interpreter's site-packages, appended after the venv's own
     site_dir = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               capture_output=True, text=True, check=True).stdout.strip()
-    parents = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+    # ... seen through a view without memwrap itself, so an installed copy there cannot shadow the one under test
+    views = []
+    for i, parent in enumerate(p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)):
+        view = tmp_path / f"parent-view-{i}"
+        view.mkdir()
+        for entry in os.listdir(parent):
+            if not entry.lower().startswith(("memwrap", "__editable__")):
+                os.symlink(os.path.join(parent, entry), view / entry)
+        views.append(str(view))
     with open(os.path.join(site_dir, "zz_parent_env.pth"), "w") as f:
-        f.write("\n".join(parents) + "\n")
+        f.write("\n".join(views) + "\n")
     cmd = [str(py), "-m", "pip", "install", "-q", "--no-deps"] + (["-e", str(src)] if editable else [str(src)])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
