@@ -60,7 +60,8 @@ def is_wrapped(model: nn.Module) -> bool:
         isinstance(m, CompressedLinear) or hasattr(m, experts.UNITS_ATTR) for m in model.modules())
 
 
-def find_targets(model: nn.Module, config: WrapConfig, adapter) -> tuple[list[Candidate], list[tuple[str, str]]]:
+def find_targets(model: nn.Module, config: WrapConfig, adapter, *,
+                 allow_meta: bool = False) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """(candidates, skipped) for plain nn.Linear layers; skipped holds (name, reason) for linears left exact."""
     tied = tied_parameter_ids(model)
     out: list[Candidate] = []
@@ -109,7 +110,7 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter) -> tuple[list[Ca
             skipped.append((name, "weight is frozen (requires_grad=False)"))
         elif id(weight) in tied:
             skipped.append((name, "weight is tied to another module (e.g. embeddings)"))
-        elif weight.device.type == "meta":
+        elif weight.device.type == "meta" and not allow_meta:  # the planner enumerates meta models on purpose
             skipped.append((name, "weight is on the meta device; load the weights first"))
         else:
             out.append(Candidate(name, module, module.in_features, module.out_features,

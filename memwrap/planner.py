@@ -264,19 +264,13 @@ def sketch(model: str, config: WrapConfig | None = None, compress_experts: bool 
     meta = meta_model(hf_config)
     adapter = resolve(meta)
     weights = enumerate_weights(meta, exclude=config.exclude)
-    # the same targets as wrap would find on the loaded model: inject.find_targets, whose only objection on the
-    # meta device is the device itself (those entries come back as "skipped" and are taken as targets here)
-    candidates, skipped = inject.find_targets(meta, config, adapter)
-    meta_skipped = {name for name, why in skipped if why.startswith("weight is on the meta device")}
-    targets = []
-    for name, mod in meta.named_modules():
-        if name in meta_skipped:
-            targets.append(Target(name, "linear", mod.in_features, mod.out_features, 1, adapter.sibling_key(name, mod)))
-    targets += [Target(c.name, c.kind, c.in_features, c.out_features, c.num_experts, c.group_key) for c in candidates
-                if c.kind != "experts" or compress_experts]
+    # the same targets as wrap would find on the loaded model
+    candidates, skipped = inject.find_targets(meta, config, adapter, allow_meta=True)
+    targets = [Target(c.name, c.kind, c.in_features, c.out_features, c.num_experts, c.group_key) for c in candidates
+               if c.kind != "experts" or compress_experts]
     order = {w.name: i for i, w in enumerate(weights)}
     targets.sort(key=lambda t: order.get(t.name, len(order)))
-    left_exact = tuple((n, why) for n, why in skipped if n not in meta_skipped)
+    left_exact = tuple(skipped)
     return ModelSketch(type(meta).__name__, ModelShape.from_config(hf_config), weights, targets,
                        default_seq_len(hf_config), left_exact)
 
