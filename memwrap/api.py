@@ -62,9 +62,11 @@ def wrap(
 ) -> Plan:
     """Compress the model's linear (and MoE expert) layers in place and return the Plan that was applied.
 
-    rank/granularity set r and c for every layer; left out, the planner picks them from the memory budget
-    (budget_gb, else free GPU memory via NVML). plan= reapplies a saved plan exactly. The model is left
-    untouched when any check fails.
+    rank/granularity set r and c for every layer; left out, the planner picks them from the memory budget:
+    budget_gb, else free GPU memory via NVML, else torch.cuda.mem_get_info, else free RAM (psutil) on a CPU,
+    for batch_size (default 8) × seq_len (default min(2048, the model's max positions)). If the plan also needs
+    gradient checkpointing or a chunked loss, its notes say so; wrap never turns them on itself. plan= reapplies
+    a saved plan exactly. The model is left untouched when any check fails.
     """
     inject.require_unwrapped(model)
     config = WrapConfig(rank=rank, granularity=granularity, projection=projection, refresh_every=refresh_every,

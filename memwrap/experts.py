@@ -172,12 +172,12 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     down = units["down_proj"]
 
     x_tilde = up.group.compress(hidden_states, cdt).reshape(num_tokens, -1)[token_g]  # compress T rows, gather S
-    h = _ExpertsLinearFn_apply(up, hidden_states[token_g], x_tilde, offs, cdt)  # (S, n_up)
+    h = _project(up, hidden_states[token_g], x_tilde, offs, cdt)  # (S, n_up)
     if self.has_bias:
         h = h + getattr(self, up.pname + "_bias")[expert_ids_g]
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (S, I)
     h_tilde = down.group.compress(h, cdt).reshape(h.shape[0], -1)
-    out = _ExpertsLinearFn_apply(down, h, h_tilde, offs, cdt)  # (S, H)
+    out = _project(down, h, h_tilde, offs, cdt)  # (S, H)
     if self.has_bias:
         out = out + self.down_proj_bias[expert_ids_g]
     if self.has_post_expert_norm:
@@ -189,7 +189,8 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     return out.to(hidden_states.dtype)
 
 
-def _ExpertsLinearFn_apply(unit: ExpertsUnit, x, x_tilde, offs, cdt):  # noqa: N802
+def _project(unit: ExpertsUnit, x, x_tilde, offs, cdt):
+    """One fused weight applied to the routed rows x (sorted by expert), saving only x_tilde."""
     return _ExpertsLinearFn.apply(x, unit.weight, unit.coords, x_tilde, offs, unit.transposed, cdt)
 
 

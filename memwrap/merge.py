@@ -46,9 +46,11 @@ def hook_installed() -> bool:
 
 def units_of(model) -> list:
     """Every compressed unit of a model: CompressedLinear modules and fused-experts units, in module order."""
+    from .layers import CompressedLinear
+
     out = []
     for m in model.modules():
-        if m in _LAYERS or hasattr(m, "coords") and hasattr(m, "group") and hasattr(m, "apply_delta"):
+        if isinstance(m, CompressedLinear):
             out.append(m)
         out.extend(getattr(m, "_memwrap_experts", {}).values())
     return out
