@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -13,6 +13,8 @@ import torch
 import memwrap
 from memwrap import estimate as est
 from memwrap.measure import SavedTensorMeter, optimizer_state_bytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny(kind: str, dtype=torch.float32):
@@ -88,51 +90,11 @@ def test_gradient_and_optimizer_bytes_exact(kind, optimizer):
     assert pred_states == optimizer_state_bytes(opt)
 
 
-RSS_WORKER = textwrap.dedent("""
-    import json, sys
-    import torch
-    torch.set_num_threads(1)
-    def hwm():  # peak RSS of this process image (ru_maxrss would carry the parent's over exec)
-        for line in open('/proc/self/status'):
-            if line.startswith('VmHWM:'):
-                return int(line.split()[1]) * 1024
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    import memwrap
-    from memwrap import estimate as est
-    wrapped = sys.argv[1] == "memwrap"
-    B, T = 8, 256
-    # warm-up: the same ops on a tiny model, so code pages and thread pools exist before the baseline
-    _w = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False))
-    _o = torch.optim.AdamW(_w.parameters())
-    _w(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss.backward()
-    _o.step()
-    del _w, _o
-    base = hwm()
-    cfg = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg).train()
-    shape, weights = est.ModelShape.from_config(cfg), est.enumerate_weights(model)
-    layers = memwrap.wrap(model, rank=8, granularity=8).layers if wrapped else None
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 8000, (B, T))
-    for _ in range(2):  # the second step runs with optimizer states allocated (the steady state)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    peak = hwm()
-    e = est.estimate(shape, weights, layers, batch_size=B, seq_len=T, dtype_bytes=4)
-    print(json.dumps({"measured": peak - base, "predicted": e.peak_bytes, "parts": dict(e.parts),
-                      "forward": e.details["forward_peak"], "step": e.details["step_peak"]}))
-""")
-
-
 @pytest.mark.parametrize("mode", ["plain", "memwrap"])
-def test_predicted_peak_matches_rss_of_a_training_step(mode, tmp_path):
+def test_predicted_peak_matches_rss_of_a_training_step(mode):
     """A fresh process: peak RSS growth over one forward/backward/AdamW step vs the predicted peak."""
-    script = tmp_path / "rss_worker.py"
-    script.write_text(RSS_WORKER)
-    out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-m", "memwrap.rss_probe", mode, "8", "256"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT,
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
                               "MALLOC_MMAP_THRESHOLD_": "65536"})  # RSS follows live tensors (no heap reuse)
     assert out.returncode == 0, out.stderr[-2000:]

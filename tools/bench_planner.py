@@ -91,43 +91,6 @@ def saved_table() -> str:
     return "\n".join(lines)
 
 
-RSS_WORKER = """
-import json, sys
-import torch
-torch.set_num_threads(1)
-def hwm():  # peak RSS of this process image (ru_maxrss would carry the parent's over exec)
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) * 1024
-from transformers import AutoModelForCausalLM, LlamaConfig
-import memwrap
-from memwrap import estimate as est
-mode, B, T = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-# warm-up: the same ops on a tiny model, so code pages and thread pools exist before the baseline
-_w = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-    num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=False))
-_o = torch.optim.AdamW(_w.parameters())
-_w(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long)).loss.backward()
-_o.step()
-del _w, _o
-base = hwm()
-cfg = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
-model = AutoModelForCausalLM.from_config(cfg).train()
-shape, weights = est.ModelShape.from_config(cfg), est.enumerate_weights(model)
-layers = memwrap.wrap(model, rank=8, granularity=8).layers if mode == "memwrap" else None
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-ids = torch.randint(0, 8000, (B, T))
-for _ in range(2):
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-peak = hwm()
-e = est.estimate(shape, weights, layers, batch_size=B, seq_len=T, dtype_bytes=4)
-print(json.dumps({"measured": peak - base, "predicted": e.peak_bytes}))
-"""
-
-
 def rss_table() -> str:
     head = f"{'model':<34}{'mode':<9}{'B×T':>9}{'predicted MB':>14}{'measured MB':>13}{'error':>8}"
     lines = ["peak memory of a training step (fresh process, RSS growth, fp32, AdamW): predicted vs measured",
@@ -135,7 +98,7 @@ def rss_table() -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
     for B, T in ((4, 256), (8, 256)):
         for mode in ("plain", "memwrap"):
-            out = subprocess.run([sys.executable, "-c", RSS_WORKER, mode, str(B), str(T)], capture_output=True,
+            out = subprocess.run([sys.executable, "-m", "memwrap.rss_probe", mode, str(B), str(T)], capture_output=True,
                                  text=True, env=env, timeout=600)
             if out.returncode:
                 lines.append(f"llama h512 L4 V8000 {mode}: failed: {out.stderr.strip().splitlines()[-1]}")
