@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from families import CONFIGS, FUSED_MOE, tiny
-from test_moe import full_rank
+from test_moe import full_rank, train_on
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 import memwrap
@@ -70,13 +70,7 @@ def test_switch_transformers_experts_are_compressed_and_routers_exact():
     assert routers and not set(routers) & set(names) and set(routers) <= {n for n, _ in plan.skipped}
     opt = memwrap.optimizer(model, lr=1e-2)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for _ in range(20):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_on(model, opt, ids, 20)
     assert losses[-1] < 0.6 * losses[0]
 
 

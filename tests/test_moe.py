@@ -17,6 +17,18 @@ def batch(seed=0, b=2, t=16):
     return torch.randint(0, 128, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
+def train_on(model, opt, ids, steps):
+    """`steps` optimizer steps on one fixed batch (language-model loss); the loss of each step."""
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def full_rank(plan):
     """c = 1, r = m on every weight: the identity projection, so memwrap must train exactly."""
     return dataclasses.replace(plan, layers=tuple(dataclasses.replace(lp, c=1, r=lp.in_features) for lp in plan.layers))
@@ -68,13 +80,7 @@ def test_loss_falls_over_30_steps_with_default_optimizer(family):
     memwrap.wrap(model, rank=4, granularity=2)
     opt = memwrap.optimizer(model, lr=1e-2)
     ids = batch(b=4)
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_on(model, opt, ids, 30)
     assert losses[-1] < 0.5 * losses[0], losses[::5]
 
 
