@@ -35,6 +35,23 @@ class Adapter:
 
     router_names: tuple[str, ...] = ("gate", "router", "shared_expert_gate", "switch")
 
+    # Where a block keeps its parts, as local module names: the one place that says so for the family. The
+    # whole-layer savings (norms, MLP, attention) find what to replace through `parts`.
+    norm_names: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                   "post_feedforward_layernorm", "q_norm", "k_norm", "norm")
+    mlp_names: tuple[str, ...] = ("mlp",)  # the MLP (or MoE block) of a decoder layer
+    attention_names: tuple[str, ...] = ("self_attn",)
+
+    def parts(self, model: nn.Module) -> dict[str, list[str]]:
+        """Qualified names of the model's norms, MLPs and attention modules, found by the family's local names."""
+        found: dict[str, list[str]] = {"norm": [], "mlp": [], "attention": []}
+        for name, _ in model.named_modules():
+            local = name.rpartition(".")[2]
+            for kind, names in (("norm", self.norm_names), ("mlp", self.mlp_names), ("attention", self.attention_names)):
+                if local in names:
+                    found[kind].append(name)
+        return found
+
     def is_router(self, name: str, module: nn.Module, parent: nn.Module | None) -> bool:
         """Routers (and scalar expert gates) of an MoE block stay exact: memwrap never compresses them."""
         *owners, local = name.split(".")

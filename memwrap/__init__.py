@@ -21,8 +21,8 @@ from .errors import (
     PlanMismatchError,
     UnsupportedArchitectureError,
 )
-from .io import load, load_optimizer, load_plan, save
-from .planner import plan
+from .integrations.checkpoint import load, load_optimizer, load_plan, save
+from .planning.planner import plan
 
 __version__ = "0.1.0"
 

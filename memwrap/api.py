@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import inject
+from .compress import inject
 from .config import Plan, WrapConfig
 from .errors import InvalidSettingsError
 
@@ -79,7 +79,7 @@ def wrap(
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         inject.check_plan_against_model(model, the_plan)
     else:
-        from . import planner
+        from .planning import planner
 
         the_plan = planner.plan_for_model(model, config, budget_gb=budget_gb, batch_size=batch_size, seq_len=seq_len,
                                           dtype_bytes=_activation_dtype_bytes(model))
@@ -101,7 +101,7 @@ def sync(optimizer: torch.optim.Optimizer) -> int:
 
     Makes a resumed run bit-identical to an uninterrupted one (memwrap.optimizer does this by itself).
     """
-    from . import merge
+    from .compress import merge
 
     return merge.sync(optimizer)
 

@@ -102,9 +102,9 @@ def format_table(model: str, plan, baselines: dict) -> str:
 def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len: str | None, dtype: str,
              as_json: bool, save_path: str | None, compress_experts: bool | None) -> None:
     """Choose settings for MODEL (a bundled name, a local directory or a hub id) without loading any weights."""
-    from . import planner
     from .errors import BudgetTooSmallError
-    from .estimate import dtype_from_name
+    from .planning import planner
+    from .planning.estimate import dtype_from_name
 
     def number(name: str, text: str | None, kind):
         if text is None:
@@ -147,7 +147,7 @@ def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len:
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def env(as_json: bool) -> None:
     """Versions, devices, NVML free/total and RAM: what a bug report needs."""
-    from .memory import environment
+    from .planning.memory import environment
 
     info = environment()
     if as_json:

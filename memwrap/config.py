@@ -12,6 +12,7 @@ from typing import Any
 from .errors import InvalidSettingsError, PlanMismatchError
 
 PLAN_FORMAT_VERSION = 1
+PROJECTIONS = ("stiefel", "gaussian", "rademacher")  # kinds of random projection P (memwrap.compress.projection)
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,6 @@ class WrapConfig:
                 f"refresh_every={self.refresh_every!r} must be a positive integer number of optimizer steps.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise InvalidSettingsError(f"seed={self.seed!r} must be a non-negative integer.")
-        from .projection import PROJECTIONS
-
         if self.projection not in PROJECTIONS:
             raise InvalidSettingsError(f"projection={self.projection!r} is unknown; use one of {', '.join(PROJECTIONS)}.")
 
@@ -172,7 +171,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the plan as JSON atomically (temp file + rename)."""
-        from .io import atomic_write_text
+        from .atomic import atomic_write_text
 
         atomic_write_text(path, self.to_json())
 

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny import tiny_llama, token_batch  # noqa: E402
 
 import memwrap  # noqa: E402
-import memwrap.io  # noqa: E402
+import memwrap.integrations.checkpoint  # noqa: E402
 
 
 def die_at(name):
@@ -38,7 +38,7 @@ def main():
             opt.zero_grad()
             torch.save(model.state_dict(), os.path.join(ref, f"v{version}.pt"))
             if version == 2:
-                memwrap.io._stage = die_at(sys.argv[4])
+                memwrap.integrations.checkpoint._stage = die_at(sys.argv[4])
             memwrap.save(model, directory, optimizer=opt)
         return
     version = 0

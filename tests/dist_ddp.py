@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny import tiny_llama  # noqa: E402
 
 import memwrap  # noqa: E402
-from memwrap.layers import CompressedLinear  # noqa: E402
+from memwrap.compress.linear import CompressedLinear  # noqa: E402
 
 GLOBAL_BATCH, SEQ, REFRESH = 8, 32, 3
 

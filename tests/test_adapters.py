@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
 import memwrap
 from memwrap.adapters import ADAPTERS, GenericAdapter, resolve
-from memwrap.layers import CompressedLinear
+from memwrap.compress.linear import CompressedLinear
 
 
 def test_every_family_resolves_to_its_adapter_and_unknown_types_to_generic():

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tiny import tiny_llama, token_batch
 
 import memwrap
-from memwrap.io import recover
+from memwrap.integrations.checkpoint import recover
 
 WORKER = os.path.join(os.path.dirname(__file__), "checkpoint_worker.py")
 
@@ -25,7 +25,7 @@ def batch(step):
 
 def build(opt_kind, model=None):
     model = model if model is not None else tiny_llama(seed=0)
-    if not memwrap.inject.is_wrapped(model):
+    if not memwrap.compress.inject.is_wrapped(model):
         memwrap.wrap(model, rank=4, granularity=2, refresh_every=4, seed=3)
     if opt_kind == "memwrap":
         return model, memwrap.optimizer(model, lr=3e-3, weight_decay=0.1)

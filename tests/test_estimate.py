@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import memwrap
-from memwrap import estimate as est
-from memwrap.measure import SavedTensorMeter, optimizer_state_bytes
+from memwrap.planning import estimate as est
+from memwrap.planning.measure import SavedTensorMeter, optimizer_state_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +93,7 @@ def test_gradient_and_optimizer_bytes_exact(kind, optimizer):
 @pytest.mark.parametrize("mode", ["plain", "memwrap"])
 def test_predicted_peak_matches_rss_of_a_training_step(mode):
     """A fresh process: peak RSS growth over one forward/backward/AdamW step vs the predicted peak."""
-    out = subprocess.run([sys.executable, "-m", "memwrap.rss_probe", mode, "8", "256"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "memwrap.planning.rss_probe", mode, "8", "256"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT,
                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
                               "MALLOC_MMAP_THRESHOLD_": "65536"})  # RSS follows live tensors (no heap reuse)

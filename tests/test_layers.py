@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import memwrap
-from memwrap.layers import CompressedLinear, stochastic_round_bf16
-from memwrap.projection import estimator_relative_variance
+from memwrap.compress.base import stochastic_round_bf16
+from memwrap.compress.linear import CompressedLinear
+from memwrap.compress.projection import estimator_relative_variance
 
 
 class Two(nn.Module):
@@ -164,7 +165,7 @@ def test_autocast_matches_plain_linear_under_autocast():
 
 def test_saved_bytes_are_the_compressed_input():
     """Only x̃ (N × c × r) is saved: c·r/m of the input, measured by saved-tensor hooks."""
-    from memwrap.measure import SavedTensorMeter
+    from memwrap.planning.measure import SavedTensorMeter
 
     _, model = exact_and_wrapped(m=64, n=32, rank=4, granularity=2)
     x = torch.randn(50, 64, requires_grad=True)
@@ -174,7 +175,7 @@ def test_saved_bytes_are_the_compressed_input():
 
 
 def test_siblings_share_one_saved_input():
-    from memwrap.measure import SavedTensorMeter
+    from memwrap.planning.measure import SavedTensorMeter
 
     class QKV(nn.Module):
         def __init__(self):

@@ -11,7 +11,7 @@ import torch
 from tiny import tiny_llama
 
 import memwrap
-from memwrap import memory
+from memwrap.planning import memory
 
 
 def fake_pynvml(free: int, total: int, count: int = 1, fail_init: bool = False) -> types.ModuleType:
@@ -86,7 +86,7 @@ def test_fake_nvml_too_small_raises_and_leaves_model_alone(monkeypatch):
     with pytest.raises(memwrap.BudgetTooSmallError) as info:
         memwrap.wrap(model, batch_size=64, seq_len=1024)
     assert info.value.min_budget_bytes > 100_000_000
-    assert not memwrap.inject.is_wrapped(model)
+    assert not memwrap.compress.inject.is_wrapped(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -9,8 +9,8 @@ from tiny import state_equal
 from torch import nn
 
 import memwrap
-from memwrap import experts
-from memwrap.measure import SavedTensorMeter
+from memwrap.compress import experts
+from memwrap.planning.measure import SavedTensorMeter
 
 
 def batch(seed=0, b=2, t=16):

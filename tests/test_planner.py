@@ -7,9 +7,9 @@ import torch
 from tiny import tiny_llama, token_batch
 
 import memwrap
-from memwrap import planner
 from memwrap.config import _fmt_bytes
 from memwrap.errors import BudgetTooSmallError, InvalidSettingsError
+from memwrap.planning import planner
 
 
 def peak(plan) -> int:
@@ -48,7 +48,7 @@ def test_tiny_model_smaller_budget_never_more_bytes():
     plans = check_monotone(sweep(lambda gb: planner.plan_for_model(
         model, memwrap.WrapConfig(), budget_gb=gb, batch_size=4, seq_len=256), budgets))
     assert len({(p.layers[0].c * p.layers[0].r, p.gradient_checkpointing, p.chunked_cross_entropy) for p in plans}) >= 2
-    assert not memwrap.inject.is_wrapped(model)
+    assert not memwrap.compress.inject.is_wrapped(model)
 
 
 def test_bundled_moe_smaller_budget_never_more_bytes():
@@ -96,7 +96,7 @@ def test_siblings_get_equal_settings_and_share_one_saved_input():
     for lp in plan.layers:
         by_group.setdefault(lp.group, set()).add((lp.c, lp.r))
     assert all(len(v) == 1 for v in by_group.values())
-    groups = {id(m.group) for m in model.modules() if isinstance(m, memwrap.layers.CompressedLinear)}
+    groups = {id(m.group) for m in model.modules() if isinstance(m, memwrap.compress.CompressedLinear)}
     assert len(groups) == len(by_group)  # one InputGroup (one P, one x̃) per sibling group
 
 
@@ -109,7 +109,7 @@ def test_wrap_without_arguments_picks_settings_on_cpu():
     assert plan.dtype == "fp32" and plan.memory and plan.notes
     loss = model(input_ids=token_batch(2, 16), labels=token_batch(2, 16)).loss
     loss.backward()  # trains
-    assert all(m.coords.grad is not None for m in model.modules() if isinstance(m, memwrap.layers.CompressedLinear))
+    assert all(m.coords.grad is not None for m in model.modules() if isinstance(m, memwrap.compress.CompressedLinear))
 
 
 def test_explicit_rank_is_honoured_exactly():
@@ -125,7 +125,7 @@ def test_plan_from_config_directory_reapplies_exactly(tmp_path):
     plan.save(tmp_path / "plan.json")
     applied = memwrap.wrap(model, plan=str(tmp_path / "plan.json"))
     assert applied == plan == memwrap.Plan.load(tmp_path / "plan.json")
-    layers = {m.layer_name: (m.c, m.r) for m in model.modules() if isinstance(m, memwrap.layers.CompressedLinear)}
+    layers = {m.layer_name: (m.c, m.r) for m in model.modules() if isinstance(m, memwrap.compress.CompressedLinear)}
     assert layers == {lp.name: (lp.c, lp.r) for lp in plan.layers}
     # the plan from the config equals the plan from the instance
     fresh = tiny_llama()
@@ -142,7 +142,7 @@ def test_bad_settings_raise_before_mutation(kwargs):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(InvalidSettingsError):
         memwrap.wrap(model, **kwargs)
-    assert not memwrap.inject.is_wrapped(model)
+    assert not memwrap.compress.inject.is_wrapped(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

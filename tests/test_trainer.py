@@ -67,7 +67,7 @@ def test_full_rank_wrapped_trainer_equals_plain_trainer(tmp_path):
 def test_default_wrap_then_unchanged_trainer_trains(tmp_path):
     """The issue's "nothing else changed": memwrap.wrap(model) with no settings, then the user's Trainer code."""
     model, _, losses = train(tmp_path, wrap={}, steps=8)
-    assert any(isinstance(m, memwrap.layers.CompressedLinear) for m in model.modules())
+    assert any(isinstance(m, memwrap.compress.CompressedLinear) for m in model.modules())
     assert losses[-1] < losses[0] - 0.1
 
 
@@ -119,7 +119,7 @@ def test_save_model_loads_into_plain_transformers_with_equal_logits(tmp_path):
     model, trainer, _ = train(tmp_path / "run", steps=4)
     trainer.save_model(str(tmp_path / "export"))
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
-    assert not any(isinstance(m, memwrap.layers.CompressedLinear) for m in plain.modules())
+    assert not any(isinstance(m, memwrap.compress.CompressedLinear) for m in plain.modules())
     assert set(plain.state_dict()) == set(model.state_dict())
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
     model.eval()

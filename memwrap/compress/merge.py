@@ -17,7 +17,7 @@ import weakref
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .layers import local
+from .base import CompressedWeight, local
 
 _LAYERS: weakref.WeakSet = weakref.WeakSet()  # every live compressed module (linear or experts)
 _HOOK = None  # (post-hook handle, pre-hook handle) while any compressed module is alive
@@ -46,30 +46,17 @@ def hook_installed() -> bool:
 
 def units_of(model) -> list:
     """Every compressed unit of a model: CompressedLinear modules and fused-experts units, in module order."""
-    from .layers import CompressedLinear
-
     out = []
     for m in model.modules():
-        if isinstance(m, CompressedLinear):
+        if isinstance(m, CompressedWeight):
             out.append(m)
-        out.extend(getattr(m, "_memwrap_experts", {}).values())
+        out.extend(getattr(m, "_memwrap_experts", {}).values())  # memwrap.compress.experts.UNITS_ATTR
     return out
 
 
 def layers_by_coords() -> dict[int, object]:
     """id(coords parameter) -> module, rebuilt on each call (FSDP2 replaces parameters with DTensors)."""
     return {id(m.coords): m for m in list(_LAYERS)}
-
-
-def advance(module, step: int) -> torch.Tensor | None:
-    """Move a module to the refresh index of `step` completed steps; the r × r transfer if P changed."""
-    new_index = step // module.refresh_every
-    if new_index == module.refresh_index:
-        return None
-    t = module.group.transfer(module.refresh_index, new_index)
-    module.refresh_index = new_index
-    module.group.refresh_index = max(module.group.refresh_index, new_index)
-    return t
 
 
 def carry(state_tensor: torch.Tensor, t: torch.Tensor) -> None:
@@ -163,7 +150,7 @@ def _after_step(optimizer, args, kwargs) -> None:
             state["memwrap_step"] = step
             module.merge(p.detach(), decay, step)
             local(p).zero_()
-            t = advance(module, step)
+            t = module.advance(step)
             if t is not None:
                 for key in MOMENTUM_KEYS:
                     value = state.get(key)

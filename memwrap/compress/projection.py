@@ -11,9 +11,8 @@ import zlib
 
 import torch
 
-from .errors import InvalidSettingsError
-
-PROJECTIONS = ("stiefel", "gaussian", "rademacher")
+from ..config import PROJECTIONS
+from ..errors import InvalidSettingsError
 
 
 def projection_seed(seed: int, name: str, refresh_index: int) -> int:

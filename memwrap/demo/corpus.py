@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .errors import MemwrapError
+from ..errors import MemwrapError
 
 
 def shakespeare_dir() -> str:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layers import CompressedLinear
-from .measure import SavedTensorMeter, optimizer_state_bytes
+from ..compress.linear import CompressedLinear
+from ..planning.measure import SavedTensorMeter, optimizer_state_bytes
 
 
 @dataclass
@@ -57,7 +57,7 @@ def build_model(config, seed: int = 0) -> torch.nn.Module:
 
 def _linear_weight_names(model) -> set[str]:
     """Names of the weights memwrap compresses by default: linears (not lm_head) and fused expert weights."""
-    from .experts import fused_params, is_fused_experts
+    from ..compress.experts import fused_params, is_fused_experts
 
     names = set()
     for n, m in model.named_modules():

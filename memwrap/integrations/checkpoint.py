@@ -21,32 +21,15 @@ import tempfile
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InvalidSettingsError, PlanMismatchError
+from ..atomic import atomic_write_bytes
+from ..compress.inject import check_plan_against_model, is_wrapped, require_wrapped
+from ..compress.merge import sync
+from ..config import Plan
+from ..errors import CheckpointError, InvalidSettingsError, PlanMismatchError
 
 PLAN_NAME = "memwrap_plan.json"
 WEIGHTS_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never a torn one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _stage(name: str) -> None:
@@ -104,8 +87,6 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
 
     The directory is replaced as a whole; a crash mid-save leaves the previous checkpoint loadable by `load`.
     """
-    from .inject import require_wrapped
-
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     if any(hasattr(p, "device_mesh") for p in model.parameters()):
@@ -150,8 +131,6 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
 
 def load_plan(directory: str | os.PathLike):
     """The Plan saved in a checkpoint directory."""
-    from .config import Plan
-
     recover(directory)
     path = os.path.join(os.fspath(directory), PLAN_NAME)
     if not os.path.exists(path):
@@ -180,8 +159,7 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
 
     Returns the Plan. Then build the optimizer over the wrapped model and call `load_optimizer(optimizer, directory)`.
     """
-    from .api import get_plan, wrap
-    from .inject import check_plan_against_model, is_wrapped
+    from ..api import get_plan, wrap
 
     directory = os.path.abspath(os.fspath(directory))
     plan = load_plan(directory)
@@ -221,8 +199,6 @@ def _is_tied_duplicate(model: nn.Module, key: str, state: dict) -> bool:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
     """`optimizer.load_state_dict(torch.load(optimizer.pt, weights_only=True))`, then restore each layer's P index."""
-    from .merge import sync
-
     path = os.path.join(os.fspath(directory), OPTIMIZER_NAME)
     if not os.path.exists(path):
         raise CheckpointError(f"{path!r} does not exist; pass optimizer= to memwrap.save to checkpoint the optimizer.")

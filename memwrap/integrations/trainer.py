@@ -6,7 +6,7 @@ merges after every step of Trainer's AdamW. What a Trainer cannot do by itself i
 optimizer does that in its `load_state_dict`, any other optimizer needs `memwrap.sync(optimizer)`, which this
 callback calls before the first resumed step:
 
-    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[memwrap.trainer.MemwrapCallback()])
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[memwrap.integrations.MemwrapCallback()])
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .merge import sync
+from ..compress.inject import STATE_ATTR
+from ..compress.merge import sync
+from .checkpoint import PLAN_NAME
 
 
 def _inner(optimizer):
@@ -39,9 +41,6 @@ class MemwrapCallback(TrainerCallback):
             sync(opt)
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        from .inject import STATE_ATTR
-        from .io import PLAN_NAME
-
         model = getattr(model, "module", model)  # DDP
         wrapped = getattr(model, STATE_ATTR, None)
         if wrapped is None or not state.is_world_process_zero:

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import merge
+from ..compress import merge
+from ..compress.base import local
 from ..errors import InvalidSettingsError
-from ..layers import local
 
 OPTIMIZER_KINDS = ("projfactor", "adamw")
 
@@ -182,7 +182,7 @@ class MemwrapOptimizer(torch.optim.Optimizer):
 
     def _refresh(self, module, state, step, group):  # state: the local shards
         old_index = module.refresh_index
-        t = merge.advance(module, step)
+        t = module.advance(step)
         if t is None:
             return
         if not group["error_feedback"]:

@@ -21,8 +21,9 @@ from importlib import resources
 import torch
 from torch import nn
 
-from .config import LayerPlan
-from .errors import InvalidSettingsError
+from ..compress.inject import is_conv1d, name_matches, tied_parameter_ids
+from ..config import LayerPlan
+from ..errors import InvalidSettingsError
 
 DTYPES = {"fp32": (torch.float32, 4), "float32": (torch.float32, 4), "bf16": (torch.bfloat16, 2),
           "bfloat16": (torch.bfloat16, 2), "fp16": (torch.float16, 2), "float16": (torch.float16, 2)}
@@ -59,7 +60,7 @@ def load_config(model: str):
 
     key = model.strip().lower()
     if key in BUNDLED:
-        text = resources.files("memwrap.configs").joinpath(BUNDLED[key]).read_text(encoding="utf-8")
+        text = resources.files("memwrap.planning.configs").joinpath(BUNDLED[key]).read_text(encoding="utf-8")
         data = json.loads(text)
         return AutoConfig.for_model(data.pop("model_type"), **data)
     if os.path.isfile(model) and model.endswith(".json"):
@@ -174,7 +175,6 @@ class Weight:
 
 def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
     """Every distinct trainable parameter: compressible linears and fused experts named, the rest as "other"."""
-    from .inject import is_conv1d, name_matches, tied_parameter_ids
 
     tied = tied_parameter_ids(model)
     out: list[Weight] = []

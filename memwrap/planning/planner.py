@@ -24,10 +24,11 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from . import inject
-from .adapters import resolve
-from .config import LayerPlan, Plan, WrapConfig, _fmt_bytes
-from .errors import BudgetTooSmallError, InvalidSettingsError
+from ..adapters import resolve
+from ..compress import inject
+from ..compress.projection import estimator_relative_variance
+from ..config import LayerPlan, Plan, WrapConfig, _fmt_bytes
+from ..errors import BudgetTooSmallError, InvalidSettingsError
 from .estimate import Estimate, ModelShape, Weight, dtype_from_name, enumerate_weights, estimate, load_config, meta_model
 
 LEVELS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128)  # c·r / m, finest first
@@ -55,8 +56,6 @@ def settings_at(m: int, fraction: float) -> tuple[int, int]:
 
 def relative_variance(layers: tuple[LayerPlan, ...]) -> float:
     """Mean estimator relative variance (d − r)/r over the compressed weights (0 for none)."""
-    from .projection import estimator_relative_variance
-
     if not layers:
         return 0.0
     return sum(estimator_relative_variance(lp.d, lp.r) for lp in layers) / len(layers)
@@ -236,8 +235,8 @@ def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batc
 
 # ---- planning from a config, nothing loaded ---------------------------------------------------------------
 def experts_supported() -> bool:
-    """Whether this memwrap compresses fused MoE experts (memwrap.experts); otherwise they stay exact."""
-    return importlib.util.find_spec("memwrap.experts") is not None
+    """Whether this memwrap compresses fused MoE experts (memwrap.compress.experts); otherwise they stay exact."""
+    return importlib.util.find_spec("memwrap.compress.experts") is not None
 
 
 @dataclass(frozen=True)

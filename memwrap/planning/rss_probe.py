@@ -1,9 +1,9 @@
 """Peak RSS of a training step in this (fresh) process vs the byte model's predicted peak.
 
-    python -m memwrap.rss_probe plain|memwrap BATCH SEQ_LEN
+    python -m memwrap.planning.rss_probe plain|memwrap BATCH SEQ_LEN
 
 Prints one JSON line: measured (VmHWM growth over two forward/backward/AdamW steps of a 4-layer Llama, hidden 512,
-fp32), predicted (memwrap.estimate's peak) and the predicted parts. Run it with MALLOC_MMAP_THRESHOLD_=65536 so RSS
+fp32), predicted (memwrap.planning.estimate's peak) and the predicted parts. Run it with MALLOC_MMAP_THRESHOLD_=65536 so RSS
 follows live tensors. Used by tests/test_estimate.py and tools/bench_planner.py.
 """
 
@@ -26,8 +26,10 @@ def measure(mode: str, batch_size: int, seq_len: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    import memwrap
-    from memwrap import estimate as est
+    from ..adapters import resolve
+    from ..compress import inject
+    from ..config import WrapConfig
+    from . import estimate as est
 
     torch.set_num_threads(1)
     # warm-up: the same ops on a tiny model, so code pages and thread pools exist before the baseline
@@ -44,7 +46,12 @@ def measure(mode: str, batch_size: int, seq_len: int) -> dict:
                       num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(cfg).train()
     shape, weights = est.ModelShape.from_config(cfg), est.enumerate_weights(model)
-    layers = memwrap.wrap(model, rank=8, granularity=8).layers if mode == "memwrap" else None
+    layers = None
+    if mode == "memwrap":  # what memwrap.wrap(model, rank=8, granularity=8) applies
+        config = WrapConfig(rank=8, granularity=8)
+        plan = inject.build_plan(model, config, *inject.find_targets(model, config, resolve(model)), dtype_bytes=4)
+        inject.apply_plan(model, plan)
+        layers = plan.layers
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 8000, (batch_size, seq_len))
     for _ in range(2):  # the second step runs with optimizer states allocated (the steady state)

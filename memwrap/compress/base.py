@@ -1,0 +1,162 @@
+"""What every compressed weight shares: the input group (one P, one saved x̃), the lift, the merge into W.
+
+A compressed weight W (n × m, or E experts of n × m) is frozen; its update arrives as subspace coordinates
+(…, n, c, r) and reaches W through `merge`: W ← W·decay + lift(coords), with lift(coords) = reshape(coords @ Pᵀ).
+`CompressedWeight` holds that bookkeeping once; `CompressedLinear` (memwrap.compress.linear) and `ExpertsUnit`
+(memwrap.compress.experts) add only how their forward pass runs and where `weight` and `coords` live.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .projection import draw_projection, projection_seed, subspace_transfer
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in: autocast's when autocast is on for x's device, else x's."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class InputGroup:
+    """Layers that read the same input tensor (q/k/v, gate/up): one P, one x̃ per forward.
+
+    P is regenerated from (seed, crc32(group name), refresh index) and cached per (index, device, dtype).
+    """
+
+    def __init__(self, name: str, in_features: int, c: int, r: int, projection: str, seed: int):
+        self.name, self.in_features, self.c, self.r = name, in_features, c, r
+        self.d = in_features // c
+        self.projection_kind, self.seed = projection, seed
+        self.refresh_index = 0
+        self._p_cache: dict[tuple, torch.Tensor] = {}
+        self._x_cache: tuple | None = None  # (weakref x, x._version, dtype, weakref x̃)
+
+    def projection(self, index: int | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
+        """P (d × r) for a refresh index (default: the current one)."""
+        index = self.refresh_index if index is None else index
+        key = (index, str(device), dtype)
+        p = self._p_cache.get(key)
+        if p is None:
+            if len(self._p_cache) > 8:
+                self._p_cache.clear()
+            base = draw_projection(self.d, self.r, self.projection_kind, self.seed, self.name, index)
+            p = base.to(device=device, dtype=dtype)
+            self._p_cache[key] = p
+        return p
+
+    def transfer(self, old_index: int, new_index: int, device=None) -> torch.Tensor:
+        """T (r × r): subspace coordinates under P_old times T are the nearest coordinates under P_new."""
+        return subspace_transfer(self.projection(old_index), self.projection(new_index)).to(device)
+
+    def compress(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x̃ = reshape(x, N, c, d) @ P, shape (N, c, r); reused while the same x is fed to a sibling."""
+        cached = self._x_cache
+        if cached is not None:
+            xref, version, cdt, tref = cached
+            x_tilde = tref()
+            if xref() is x and version == x._version and cdt == dtype and x_tilde is not None:
+                return x_tilde
+        with torch.no_grad():
+            p = self.projection(device=x.device, dtype=dtype)
+            x2 = x.detach().to(dtype).reshape(-1, self.d)  # (N·c, d): every block of every token, one GEMM
+            x_tilde = (x2 @ p).reshape(-1, self.c, self.r)  # (N, c, r)
+        self._x_cache = (weakref.ref(x), x._version, dtype, weakref.ref(x_tilde))
+        return x_tilde
+
+
+def lift(coords: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """(…, n, c, r) coordinates -> (…, n, c·d) weight-shaped tensor: reshape(coords @ Pᵀ)."""
+    *lead, n, c, r = coords.shape
+    return (coords @ p.T.to(coords.dtype)).reshape(*lead, n, c * p.shape[0])
+
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """float32 -> bfloat16 rounding up or down with probability proportional to the distance (unbiased)."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, decay: float, *, stochastic: bool,
+                  seed: int, name: str, step: int) -> None:
+    """weight ← weight·decay + delta in place (decay = 1 − lr·wd), stochastically rounded for bf16 weights."""
+    w = local(weight)
+    with torch.no_grad():
+        if w.dtype == torch.bfloat16 and stochastic:
+            g = torch.Generator(device=w.device).manual_seed(projection_seed(seed, name + "#round", step))
+            exact = w.float() * decay + delta.float()
+            w.copy_(stochastic_round_bf16(exact, g))
+        else:
+            if decay != 1.0:
+                w.mul_(decay)
+            w.add_(delta.to(w.dtype))
+
+
+class CompressedWeight:
+    """The bookkeeping of one compressed weight; subclasses provide `weight`, `coords` and a forward pass.
+
+    Attributes: `layer_name`, `in_features` m, `out_features` n, `c`, `r`, `group` (an InputGroup), `refresh_every`,
+    `refresh_index` (which P the coordinates live under), `transposed` (W stored (…, m, n)), `stochastic_rounding`.
+    memwrap.compress.merge and memwrap.optim rely only on what this class defines.
+    """
+
+    weight: torch.Tensor
+    coords: torch.Tensor
+
+    def _init_compressed(self, name: str, in_features: int, out_features: int, c: int, r: int, group: InputGroup, *,
+                         refresh_every: int, stochastic_rounding: bool, transposed: bool,
+                         weight_requires_grad: bool) -> None:
+        self.layer_name, self.in_features, self.out_features = name, in_features, out_features
+        self.c, self.r, self.group = c, r, group
+        self.refresh_every, self.stochastic_rounding = refresh_every, stochastic_rounding
+        self.transposed = transposed
+        self.refresh_index = 0
+        self._weight_requires_grad = weight_requires_grad  # restored on W by unwrap
+
+    @property
+    def d(self) -> int:
+        return self.in_features // self.c
+
+    def lifted(self, coords: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """Weight-shaped (…, n, m) lift of subspace coordinates under P of `index` (default: current)."""
+        c = local(coords)
+        p = self.group.projection(self.refresh_index if index is None else index, device=c.device, dtype=torch.float32)
+        return lift(c.float(), p)
+
+    def apply_delta(self, delta: torch.Tensor, decay: float, step: int) -> None:
+        """W ← W·decay + delta, delta weight-shaped in the logical (…, n, m) orientation."""
+        add_to_weight(self.weight, delta.transpose(-1, -2) if self.transposed else delta, decay,
+                      stochastic=self.stochastic_rounding, seed=self.group.seed, name=self.layer_name, step=step)
+
+    def merge(self, delta_coords: torch.Tensor, decay: float, step: int) -> None:
+        """W ← W·decay + lift(delta_coords)."""
+        self.apply_delta(self.lifted(delta_coords), decay, step)
+
+    def advance(self, step: int) -> torch.Tensor | None:
+        """Move to the refresh index of `step` completed steps; the r × r transfer of coordinates if P changed."""
+        new_index = step // self.refresh_every
+        if new_index == self.refresh_index:
+            return None
+        t = self.group.transfer(self.refresh_index, new_index)
+        self.refresh_index = new_index
+        self.group.refresh_index = max(self.group.refresh_index, new_index)
+        return t
+
+    def flush(self) -> None:
+        """Merge whatever `coords` holds (no decay) and zero it: nothing pending is lost when the layer is removed."""
+        with torch.no_grad():
+            pending = self.coords.detach()
+            if torch.count_nonzero(local(pending)):
+                self.merge(pending, 1.0, 0)
