@@ -106,6 +106,18 @@ def sync(optimizer: torch.optim.Optimizer) -> int:
     return merge.sync(optimizer)
 
 
+def register_first_moment(names, keys, module: str = "", carry=None) -> None:
+    """Tell memwrap which optimizer state holds the first moment, for an optimizer it does not know.
+
+    names: the optimizer's class name(s); keys: its state entries shaped like the parameter that hold a first
+    moment (an empty list: it has none). When P is refreshed, memwrap carries those into the new subspace.
+    carry(state, keys, T) replaces the plain `state[key] @ T` for states that are not float tensors.
+    """
+    from .compress import merge
+
+    merge.register_first_moment(names, keys, module, carry)
+
+
 def get_plan(model: nn.Module) -> Plan:
     """The Plan a wrapped model was wrapped with."""
     return inject.require_wrapped(model).plan

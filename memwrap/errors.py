@@ -40,5 +40,13 @@ class PlanMismatchError(MemwrapError, ValueError):
     """A saved plan does not describe the model it is applied to."""
 
 
+class OptimizerBeforeWrapError(MemwrapError, RuntimeError):
+    """An optimizer holds the dense weights of wrapped layers instead of their coords: it was built before `wrap`."""
+
+
+class UnmergedUpdateError(MemwrapError, RuntimeError):
+    """Something wrote a wrapped layer's coords in a way memwrap cannot see (e.g. through `.data`)."""
+
+
 class CheckpointError(MemwrapError, ValueError):
     """A checkpoint directory is missing a file or does not match the model it is loaded into."""

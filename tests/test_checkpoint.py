@@ -69,13 +69,16 @@ def test_saved_files_are_plain_safetensors_plan_json_and_weights_only_state(tmp_
     plain_keys = set(tiny_llama(seed=0).state_dict())
     train(model, opt, range(3))
     out = memwrap.save(model, tmp_path / "ckpt", optimizer=opt)
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "memwrap_plan.json", "model.safetensors",
-                                       "optimizer.pt"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "memwrap_plan.json",
+                                       "memwrap_state.json", "model.safetensors", "optimizer.pt"]
     assert set(load_file(os.path.join(out, "model.safetensors"))) == plain_keys
     with open(os.path.join(out, "memwrap_plan.json")) as f:
         assert memwrap.Plan.from_dict(json.load(f)) == memwrap.get_plan(model)
     state = torch.load(os.path.join(out, "optimizer.pt"), weights_only=True)
-    assert {s["memwrap_step"] for s in state["state"].values() if "memwrap_step" in s} == {3}
+    assert {int(s["step"]) for s in state["state"].values()} == {3}
+    assert not any("memwrap_step" in s for s in state["state"].values())  # memwrap's counters are its own
+    with open(os.path.join(out, "memwrap_state.json")) as f:
+        assert set(json.load(f)["steps"].values()) == {3}
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(out)
@@ -172,7 +175,9 @@ def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path, stage, survivor
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert not all(torch.equal(got[k], other[k]) for k in expected)
     opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    assert {s["memwrap_step"] for s in opt_state["state"].values() if "memwrap_step" in s} == {int(survivor[1])}
+    assert {int(s["step"]) for s in opt_state["state"].values()} == {int(survivor[1])}
+    with open(ckpt / "memwrap_state.json") as f:
+        assert set(json.load(f)["steps"].values()) == {int(survivor[1])}
     assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", "v1.pt", "v2.pt"])  # no .tmp-* or .old left behind
 
 

@@ -48,15 +48,20 @@ def test_wrap_unwrap_roundtrip_is_bit_exact_and_restores_modules():
     assert [id(p) for p in model.parameters()] == ids
     assert [type(m) for m in model.modules()] == classes
     assert all(p.requires_grad for p in model.parameters())
-    assert not any(m in merge._LAYERS for m in model.modules())
+    assert not any(m in merge._UNITS for m in model.modules())
 
 
 def test_optimizer_hooks_are_removed_when_the_last_model_is_unwrapped():
+    """One global pre-hook while a wrapped model lives; an optimizer's own post-hook after its first step; none after
+    unwrap (nor when the optimizer outlives the model)."""
     code = ("import torch.optim.optimizer as o, memwrap, torch; m = torch.nn.Sequential(torch.nn.Linear(8, 8)); "
-            "memwrap.wrap(m, rank=2, granularity=2); a = len(o._global_optimizer_post_hooks); memwrap.unwrap(m); "
-            "print(a, len(o._global_optimizer_post_hooks), len(o._global_optimizer_pre_hooks))")
+            "memwrap.wrap(m, rank=2, granularity=2); a = len(o._global_optimizer_pre_hooks); "
+            "opt = torch.optim.AdamW(m.parameters()); m(torch.ones(2, 8)).sum().backward(); opt.step(); "
+            "b = len(opt._optimizer_step_post_hooks); memwrap.unwrap(m); "
+            "print(a, b, len(o._global_optimizer_pre_hooks), len(o._global_optimizer_post_hooks), "
+            "len(opt._optimizer_step_post_hooks))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["1", "0", "0"], out.stderr
+    assert out.stdout.split() == ["1", "1", "0", "0", "0"], out.stderr
 
 
 def test_deepcopy_of_a_wrapped_model_trains_like_the_original():

@@ -12,6 +12,7 @@ import weakref
 
 import torch
 
+from ..errors import UnmergedUpdateError
 from .projection import draw_projection, projection_seed, subspace_transfer
 
 
@@ -32,7 +33,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class InputGroup:
     """Layers that read the same input tensor (q/k/v, gate/up): one P, one x̃ per forward.
 
-    P is regenerated from (seed, crc32(group name), refresh index) and cached per (index, device, dtype).
+    P is regenerated from (seed, crc32(group name), refresh index) and cached per (index, device, dtype). Caches
+    are dropped when the group is pickled or copied (they hold weak references and device tensors).
     """
 
     def __init__(self, name: str, in_features: int, c: int, r: int, projection: str, seed: int):
@@ -41,7 +43,12 @@ class InputGroup:
         self.projection_kind, self.seed = projection, seed
         self.refresh_index = 0
         self._p_cache: dict[tuple, torch.Tensor] = {}
-        self._x_cache: tuple | None = None  # (weakref x, x._version, dtype, weakref x̃)
+        self._x_cache: tuple | None = None  # (weakref x, x._version, dtype, refresh index, weakref x̃)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_p_cache"], state["_x_cache"] = {}, None
+        return state
 
     def projection(self, index: int | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
         """P (d × r) for a refresh index (default: the current one)."""
@@ -60,19 +67,20 @@ class InputGroup:
         """T (r × r): subspace coordinates under P_old times T are the nearest coordinates under P_new."""
         return subspace_transfer(self.projection(old_index), self.projection(new_index)).to(device)
 
-    def compress(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """x̃ = reshape(x, N, c, d) @ P, shape (N, c, r); reused while the same x is fed to a sibling."""
+    def compress(self, x: torch.Tensor, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
+        """x̃ = reshape(x, N, c, d) @ P_index, shape (N, c, r); reused while the same x is fed to a sibling."""
+        index = self.refresh_index if index is None else index
         cached = self._x_cache
         if cached is not None:
-            xref, version, cdt, tref = cached
+            xref, version, cdt, cindex, tref = cached
             x_tilde = tref()
-            if xref() is x and version == x._version and cdt == dtype and x_tilde is not None:
+            if xref() is x and version == x._version and cdt == dtype and cindex == index and x_tilde is not None:
                 return x_tilde
         with torch.no_grad():
-            p = self.projection(device=x.device, dtype=dtype)
+            p = self.projection(index, device=x.device, dtype=dtype)
             x2 = x.detach().to(dtype).reshape(-1, self.d)  # (N·c, d): every block of every token, one GEMM
             x_tilde = (x2 @ p).reshape(-1, self.c, self.r)  # (N, c, r)
-        self._x_cache = (weakref.ref(x), x._version, dtype, weakref.ref(x_tilde))
+        self._x_cache = (weakref.ref(x), x._version, dtype, index, weakref.ref(x_tilde))
         return x_tilde
 
 
@@ -108,9 +116,12 @@ class CompressedWeight:
     """The bookkeeping of one compressed weight; subclasses provide `weight`, `coords` and a forward pass.
 
     Attributes: `layer_name`, `in_features` m, `out_features` n, `c`, `r`, `group` (an InputGroup), `refresh_every`,
-    `refresh_index` (which P the coordinates live under), `transposed` (W stored (…, m, n)), `stochastic_rounding`.
+    `steps` (optimizer steps merged: memwrap's own refresh counter), `refresh_index` (which P the coordinates live
+    under, steps // refresh_every), `transposed` (W stored (…, m, n)), `stochastic_rounding`.
     memwrap.compress.merge and memwrap.optim rely only on what this class defines.
     """
+
+    DATA_WRITE_CHECKS = (2, 16)  # forwards at which coords are checked for writes autograd cannot see; then every 256
 
     weight: torch.Tensor
     coords: torch.Tensor
@@ -123,7 +134,17 @@ class CompressedWeight:
         self.refresh_every, self.stochastic_rounding = refresh_every, stochastic_rounding
         self.transposed = transposed
         self.refresh_index = 0
+        self.steps = 0
         self._weight_requires_grad = weight_requires_grad  # restored on W by unwrap
+        self._merged: tuple[int, int] | None = None  # (id, _version) of coords right after the last merge
+        self._seen: tuple[int, int] | None = None  # (id, _version) of the coords the last forward checked
+        self._claim: tuple[int, int, int] | None = None  # (id(optimizer), id(grad), grad._version) last merged
+        self._forwards = 0
+        self._base: torch.Tensor | None = None  # coords' value at the last merge of an external write (kept, not zeroed)
+
+    def _reset_after_copy(self) -> None:
+        """A deepcopy or an unpickled copy: caches and the merge baseline belong to the original."""
+        self._merged = self._seen = self._claim = None
 
     @property
     def d(self) -> int:
@@ -154,9 +175,64 @@ class CompressedWeight:
         self.group.refresh_index = max(self.group.refresh_index, new_index)
         return t
 
+    def set_steps(self, steps: int) -> None:
+        """Put the weight at `steps` completed optimizer steps (a restored checkpoint): counter and P."""
+        self.steps = int(steps)
+        self.refresh_index = self.steps // self.refresh_every
+        self.group.refresh_index = self.refresh_index
+
+    def claim(self, optimizer, grad: torch.Tensor) -> bool:
+        """False when another optimizer already merged this very gradient (a wrapper and the optimizer it wraps)."""
+        key = (id(optimizer), id(grad), grad._version)
+        if self._claim is not None and self._claim[1:] == key[1:] and self._claim[0] != key[0]:
+            return False
+        self._claim = key
+        return True
+
+    def merge_step(self, p: torch.Tensor, decay: float) -> torch.Tensor | None:
+        """After an optimizer step on coords `p`: W ← W·decay + lift(p), p ← 0, count the step, refresh P when due.
+
+        Returns the r × r transfer when P changed (the caller carries the optimizer's first moment with it)."""
+        self.steps += 1
+        self.merge(self._pending(p), decay, self.steps)
+        local(p).zero_()
+        self._base = None
+        self._merged = (id(p), p._version)
+        return self.advance(self.steps)
+
+    def _pending(self, p: torch.Tensor) -> torch.Tensor:
+        """What coords hold that W does not have yet: all of it, or what changed since an external write was merged."""
+        return p.detach() if self._base is None else local(p.detach()) - self._base
+
+    @torch.no_grad()
+    def check_pending(self) -> None:
+        """Before a forward: merge coords written outside an optimizer step (seen by their version counter), and
+        now and then check for writes autograd cannot see. Host-side compares; a device sync only when coords changed."""
+        p = self.coords
+        key = (id(p), p._version)
+        if key != self._merged and key != self._seen:  # FSDP2 forwards see their unsharded copy: `_seen` is that one
+            delta = self._pending(p)
+            if torch.count_nonzero(local(delta)):  # written in place: a manual loop, a master copy written back
+                self.steps += 1
+                self.merge(delta, 1.0, self.steps)
+                # coords keep their value (a master copy will write its running total again): remember it
+                self._base = local(p.detach()).clone()
+                self.advance(self.steps)
+            self._merged = self._seen = key
+            return
+        self._forwards += 1
+        if (self._forwards in self.DATA_WRITE_CHECKS or self._forwards % 256 == 0) \
+                and torch.count_nonzero(local(self._pending(p))):
+            raise UnmergedUpdateError(
+                f"the coords of wrapped layer {self.layer_name!r} hold an update that nothing merged into its weight: "
+                "they were written in a way autograd's version counter does not see (through `.data`, or a kernel that "
+                "writes in place behind autograd's back). Write them with `with torch.no_grad(): p.add_(...)` / "
+                "`p.copy_(...)`, or step them with a torch.optim optimizer; then memwrap merges every update.")
+
     def flush(self) -> None:
-        """Merge whatever `coords` holds (no decay) and zero it: nothing pending is lost when the layer is removed."""
+        """Merge whatever `coords` holds that W lacks (no decay): nothing pending is lost when the layer is removed."""
         with torch.no_grad():
-            pending = self.coords.detach()
+            pending = self._pending(self.coords)
             if torch.count_nonzero(local(pending)):
                 self.merge(pending, 1.0, 0)
+            self._base = None

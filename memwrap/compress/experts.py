@@ -119,6 +119,12 @@ class ExpertsUnit(CompressedWeight):
         self.coords_name = f"{pname}_memwrap_coords"
         self.new_coords = nn.Parameter(torch.zeros(self.num_experts, out_features, c, r, device=w.device))
 
+    def __setstate__(self, state) -> None:  # a deepcopy or an unpickled copy trains and unwraps like the original
+        self.__dict__.update(state)
+        self._reset_after_copy()
+        register_implementation()
+        merge.register(self)
+
     @property
     def coords(self) -> nn.Parameter:
         return getattr(self.module, self.coords_name)
@@ -132,6 +138,8 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
                             top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' grouped-mm experts algorithm with compressed saved inputs (exact where nothing is saved)."""
     units = getattr(self, UNITS_ATTR, None)
+    for u in (units or {}).values():
+        u.check_pending()
     if not units or not torch.is_grad_enabled() or not any(u.coords.requires_grad for u in units.values()):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
@@ -139,9 +147,6 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     if self._is_expert_parallel:
         raise UnsupportedArchitectureError(f"{type(self).__name__}: expert parallelism is not supported by memwrap yet; "
                                            "unwrap the model or train without expert parallelism.")
-    for u in units.values():  # a deepcopy or unpickled copy: make its optimizer steps merge too
-        if u not in merge._LAYERS:
-            merge.register(u)
     num_tokens, top_k = hidden_states.shape[0], top_k_index.shape[-1]
     expert_ids = top_k_index.reshape(-1)  # (S,)
     expert_ids_g, perm = torch.sort(expert_ids, stable=True)
@@ -151,12 +156,12 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     up = units["gate_up_proj" if self.has_gate else "up_proj"]
     down = units["down_proj"]
 
-    x_tilde = up.group.compress(hidden_states, cdt).reshape(num_tokens, -1)[token_g]  # compress T rows, gather S
+    x_tilde = up.group.compress(hidden_states, cdt, up.refresh_index).reshape(num_tokens, -1)[token_g]  # T rows -> S
     h = _project(up, hidden_states[token_g], x_tilde, offs, cdt)  # (S, n_up)
     if self.has_bias:
         h = h + getattr(self, up.pname + "_bias")[expert_ids_g]
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (S, I)
-    h_tilde = down.group.compress(h, cdt).reshape(h.shape[0], -1)
+    h_tilde = down.group.compress(h, cdt, down.refresh_index).reshape(h.shape[0], -1)
     out = _project(down, h, h_tilde, offs, cdt)  # (S, H)
     if self.has_bias:
         out = out + self.down_proj_bias[expert_ids_g]

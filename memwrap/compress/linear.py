@@ -71,15 +71,19 @@ class CompressedLinear(CompressedWeight, nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"c={self.c}, r={self.r}, group={self.group.name!r}")
 
+    def __setstate__(self, state) -> None:  # a deepcopy or an unpickled copy trains and unwraps like the original
+        super().__setstate__(state)
+        self._reset_after_copy()
+        merge.register(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_pending()
         if not (torch.is_grad_enabled() and self.coords.requires_grad):
             if self.transposed:  # Conv1D: x @ W + b
                 return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).reshape(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
-        if self not in merge._LAYERS:  # a deepcopy or an unpickled copy: make its optimizer steps merge too
-            merge.register(self)
         cdt = compute_dtype(x)
-        x_tilde = self.group.compress(x, cdt)
+        x_tilde = self.group.compress(x, cdt, self.refresh_index)
         return _CompressedLinearFn.apply(x, self.weight, self.bias, self.coords, x_tilde, cdt, self.transposed)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

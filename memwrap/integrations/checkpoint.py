@@ -4,6 +4,7 @@ A checkpoint directory holds plain files any tool can read:
 
     model.safetensors (+ config.json ... for a transformers model)   weights, the original model's keys
     memwrap_plan.json                                                the Plan; `wrap(model, plan=...)` reapplies it
+    memwrap_state.json                                               each wrapped weight's step counter (which P)
     optimizer.pt                                                     optimizer.state_dict(), tensors and numbers only
 
 `save` writes the whole directory beside the target (`<dir>.tmp-*`) and swaps it in with renames, so a crash at
@@ -14,6 +15,7 @@ any point leaves the previous checkpoint loadable: either `<dir>` is complete, o
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -21,13 +23,15 @@ import tempfile
 import torch
 from torch import nn
 
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, atomic_write_text
 from ..compress.inject import check_plan_against_model, is_wrapped, require_wrapped
-from ..compress.merge import sync
+from ..compress.merge import sync, units_of
 from ..config import Plan
 from ..errors import CheckpointError, InvalidSettingsError, PlanMismatchError
 
 PLAN_NAME = "memwrap_plan.json"
+STATE_NAME = "memwrap_state.json"
+STATE_FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
 
@@ -108,6 +112,7 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
         _write_weights(model, tmp)
         _stage("weights")
         plan.save(os.path.join(tmp, PLAN_NAME))
+        write_state(model, tmp)
         if optimizer is not None:
             buffer = io.BytesIO()
             torch.save(optimizer.state_dict(), buffer)
@@ -181,7 +186,43 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
     model.load_state_dict(state, strict=False)
     if not is_wrapped(model):
         wrap(model, plan=plan, **wrap_kwargs)
+    read_state(model, directory)
     return plan
+
+
+def write_state(model: nn.Module, directory: str) -> None:
+    """memwrap_state.json: the step counter of every wrapped weight (decides its P), by layer name."""
+    steps = {u.layer_name: u.steps for u in units_of(model)}
+    atomic_write_text(os.path.join(directory, STATE_NAME),
+                      json.dumps({"format_version": STATE_FORMAT_VERSION, "steps": steps}, indent=1))
+
+
+def read_state(model: nn.Module, directory: str | os.PathLike) -> bool:
+    """Restore the step counters from memwrap_state.json; False when the checkpoint has none (memwrap 0.1.0 kept
+    them in the optimizer state, which `load_optimizer` reads)."""
+    path = os.path.join(os.fspath(directory), STATE_NAME)
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        steps = {str(k): int(v) for k, v in data["steps"].items()}
+        version = data.get("format_version")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path!r} is not a memwrap state file ({e}); save the checkpoint again with memwrap.save.") \
+            from e
+    if version != STATE_FORMAT_VERSION:
+        raise CheckpointError(f"{path!r} has format {version!r}, not {STATE_FORMAT_VERSION}; it was written by another "
+                              "memwrap version.")
+    units = units_of(model)
+    unknown = sorted(set(steps) - {u.layer_name for u in units})
+    if unknown:
+        raise CheckpointError(f"{path!r} names layers this wrapped model does not have ({unknown[:3]}); load the "
+                              "checkpoint into the model it was saved from.")
+    for unit in units:
+        if unit.layer_name in steps:
+            unit.set_steps(steps[unit.layer_name])
+    return True
 
 
 def _settings(plan) -> tuple:

@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..compress.inject import STATE_ATTR
 from ..compress.merge import sync
-from .checkpoint import PLAN_NAME
+from .checkpoint import PLAN_NAME, read_state, write_state
 
 
 def _inner(optimizer):
@@ -35,7 +35,12 @@ class MemwrapCallback(TrainerCallback):
     with `memwrap.wrap(model, plan=".../checkpoint-N/memwrap_plan.json")` even where the planner would now choose
     other settings (e.g. another amount of free GPU memory)."""
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        model = getattr(model, "module", model)  # DDP
+        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.global_step and model is not None and getattr(model, STATE_ATTR, None) is not None \
+                and os.path.isdir(directory):
+            read_state(model, directory)  # the step counters, for optimizers that keep no step count of their own
         opt = _inner(optimizer)
         if opt is not None:
             sync(opt)
@@ -48,3 +53,4 @@ class MemwrapCallback(TrainerCallback):
         directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(directory):
             wrapped.plan.save(os.path.join(directory, PLAN_NAME))
+            write_state(model, directory)

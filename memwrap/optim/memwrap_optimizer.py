@@ -182,6 +182,7 @@ class MemwrapOptimizer(torch.optim.Optimizer):
 
     def _refresh(self, module, state, step, group):  # state: the local shards
         old_index = module.refresh_index
+        module.steps = step  # memwrap's counter follows this optimizer's own
         t = module.advance(step)
         if t is None:
             return
