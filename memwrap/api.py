@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .compress import inject
-from .config import Plan, WrapConfig
+from .config import Plan, WrapConfig, as_layer_indices
 from .errors import InvalidSettingsError
 
 
@@ -59,23 +59,33 @@ def wrap(
     seed: int = 0,
     share_inputs: bool = True,
     stochastic_rounding: bool = True,
+    norms: str = "recompute",
+    mlp: str = "act",
+    attention: str = "keep",
+    checkpoint_layers=(),
 ) -> Plan:
     """Compress the model's linear (and MoE expert) layers in place and return the Plan that was applied.
 
     rank/granularity set r and c for every layer; left out, the planner picks them from the memory budget:
     budget_gb, else free GPU memory via NVML, else torch.cuda.mem_get_info, else free RAM (psutil) on a CPU,
-    for batch_size (default 8) × seq_len (default min(2048, the model's max positions)). If the plan also needs
-    gradient checkpointing or a chunked loss, its notes say so; wrap never turns them on itself. plan= reapplies
-    a saved plan exactly. The model is left untouched when any check fails.
+    for batch_size (default 8) × seq_len (default min(2048, the model's max positions)). plan= reapplies a saved
+    plan exactly. The model is left untouched when any check fails.
+
+    What each block keeps for backward besides linear inputs (every option exact; docs/activations.md):
+    norms="recompute" (an RMSNorm keeps only its input) or "keep"; mlp="act" (act(gate)·up recomputed in backward),
+    "recompute" (the whole MLP keeps only its input) or "keep"; attention="keep" or "recompute" (the attention
+    module keeps only its input); checkpoint_layers: layer indices or "all", recomputed whole in backward.
     """
     inject.require_unwrapped(model)
     config = WrapConfig(rank=rank, granularity=granularity, projection=projection, refresh_every=refresh_every,
                         seed=seed, targets=_as_tuple(targets, "targets"), exclude=_as_tuple(exclude, "exclude") or (),
-                        share_inputs=share_inputs, stochastic_rounding=stochastic_rounding)
+                        share_inputs=share_inputs, stochastic_rounding=stochastic_rounding, norms=norms, mlp=mlp,
+                        attention=attention, checkpoint_layers=as_layer_indices(checkpoint_layers))
     config.validate()
     if plan is not None:
-        if rank is not None or granularity is not None or budget_gb is not None:
-            raise InvalidSettingsError("pass either plan= or rank/granularity/budget_gb, not both: a plan fixes every setting.")
+        if rank is not None or granularity is not None or budget_gb is not None or config.savings_changed():
+            raise InvalidSettingsError("pass either plan= or rank/granularity/budget_gb/norms/mlp/attention/"
+                                       "checkpoint_layers, not both: a plan fixes every setting.")
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         inject.check_plan_against_model(model, the_plan)
     else:

@@ -13,6 +13,39 @@ from .errors import InvalidSettingsError, PlanMismatchError
 
 PLAN_FORMAT_VERSION = 1
 PROJECTIONS = ("stiefel", "gaussian", "rademacher")  # kinds of random projection P (memwrap.compress.projection)
+# what a block keeps for backward besides linear inputs (memwrap.compress.blocks); every option is exact
+NORM_OPTIONS = ("keep", "recompute")  # recompute: an RMSNorm keeps only its input
+MLP_OPTIONS = ("keep", "act", "recompute")  # act: act(gate)·up recomputed; recompute: the whole MLP keeps its input
+ATTENTION_OPTIONS = ("keep", "recompute")  # recompute: the attention module keeps only its input
+SAVING_FIELDS = ("norms", "mlp", "attention", "checkpoint_layers")
+
+
+def check_savings(norms, mlp, attention, checkpoint_layers) -> None:
+    """InvalidSettingsError unless the block-saving options are valid."""
+    for key, value, allowed in (("norms", norms, NORM_OPTIONS), ("mlp", mlp, MLP_OPTIONS),
+                                ("attention", attention, ATTENTION_OPTIONS)):
+        if value not in allowed:
+            raise InvalidSettingsError(f"{key}={value!r} is unknown; use one of {', '.join(map(repr, allowed))}.")
+    if checkpoint_layers == "all":
+        return
+    if not isinstance(checkpoint_layers, tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in checkpoint_layers):
+        raise InvalidSettingsError(f"checkpoint_layers={checkpoint_layers!r} must be 'all' or a list of layer indices "
+                                   "(non-negative integers).")
+
+
+def as_layer_indices(value):
+    """checkpoint_layers as given by a user or read from JSON: 'all', or a sorted tuple of indices."""
+    if value is None or value is False:
+        return ()
+    if value is True or value == "all":
+        return "all"
+    if isinstance(value, int | str):
+        value = (value,)
+    try:
+        return tuple(sorted(set(value)))
+    except TypeError:
+        return value  # check_savings says what is wrong
 
 
 @dataclass(frozen=True)
@@ -67,6 +100,10 @@ class WrapConfig:
     exclude: tuple[str, ...] = ("lm_head",)  # name filters never wrapped
     share_inputs: bool = True  # siblings reading the same input share P and the saved x̃
     stochastic_rounding: bool = True  # bf16/fp16 weights: merge with stochastic rounding
+    norms: str = "recompute"  # see NORM_OPTIONS
+    mlp: str = "act"  # see MLP_OPTIONS
+    attention: str = "keep"  # see ATTENTION_OPTIONS
+    checkpoint_layers: tuple[int, ...] | str = ()  # layers recomputed whole in backward: indices or "all"
 
     def validate(self) -> None:
         for key in ("rank", "granularity"):
@@ -80,6 +117,12 @@ class WrapConfig:
             raise InvalidSettingsError(f"seed={self.seed!r} must be a non-negative integer.")
         if self.projection not in PROJECTIONS:
             raise InvalidSettingsError(f"projection={self.projection!r} is unknown; use one of {', '.join(PROJECTIONS)}.")
+        check_savings(self.norms, self.mlp, self.attention, self.checkpoint_layers)
+
+    def savings_changed(self) -> bool:
+        """Whether any block-saving option differs from its default."""
+        defaults = WrapConfig()
+        return any(getattr(self, k) != getattr(defaults, k) for k in SAVING_FIELDS)
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -102,6 +145,11 @@ class Plan:
     share_inputs: bool = True
     stochastic_rounding: bool = True
     skipped: tuple[tuple[str, str], ...] = ()  # (module name, why it was left exact)
+    # what each block keeps for backward besides linear inputs (see WrapConfig); plans of 0.1.0 get the defaults
+    norms: str = "recompute"
+    mlp: str = "act"
+    attention: str = "keep"
+    checkpoint_layers: tuple[int, ...] | str = ()
     model_class: str = ""
     # filled by the planner when the plan came from a memory budget
     budget_bytes: int | None = None
@@ -114,6 +162,11 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
 
     # ---- derived numbers -------------------------------------------------------------------------
+    @property
+    def savings(self) -> dict[str, Any]:
+        """The block-saving options: norms, mlp, attention, checkpoint_layers."""
+        return {k: getattr(self, k) for k in SAVING_FIELDS}
+
     @property
     def linear_layers(self) -> tuple[LayerPlan, ...]:
         return tuple(lp for lp in self.layers if lp.kind == "linear")
@@ -160,7 +213,13 @@ class Plan:
         data["skipped"] = tuple(tuple(s) for s in data.get("skipped", ()))
         data["memory"] = tuple((str(k), int(v)) for k, v in data.get("memory", ()))
         data["notes"] = tuple(data.get("notes", ()))
-        return cls(**data)
+        data["checkpoint_layers"] = as_layer_indices(data.get("checkpoint_layers", ()))
+        plan = cls(**data)
+        try:
+            check_savings(plan.norms, plan.mlp, plan.attention, plan.checkpoint_layers)
+        except InvalidSettingsError as e:
+            raise PlanMismatchError(f"plan has invalid block options: {e}") from None
+        return plan
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

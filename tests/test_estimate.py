@@ -44,12 +44,14 @@ def test_saved_activation_bytes_match_hooks(kind, wrapped, dtype):
     model = tiny(kind, dtype)
     shape = est.ModelShape.from_config(model.config)
     weights = est.enumerate_weights(model)
-    layers = memwrap.wrap(model, rank=4, granularity=4).layers if wrapped else None
+    plan = memwrap.wrap(model, rank=4, granularity=4, norms="keep", mlp="keep") if wrapped else None
+    layers = plan.layers if wrapped else None
     B, T = 2, 48
     ids = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(0))
     with SavedTensorMeter(model) as meter:
         model(input_ids=ids, labels=ids).loss.backward()
-    predicted = sum(est.saved_activations(shape, weights, layers, B, T, dtype.itemsize).values())
+    predicted = sum(est.saved_activations(shape, weights, layers, B, T, dtype.itemsize,
+                                          savings=plan.savings if wrapped else None).values())
     assert abs(predicted - meter.bytes) <= 0.05 * meter.bytes, (predicted, meter.bytes)
 
 
@@ -57,12 +59,12 @@ def test_saved_activation_bytes_scale_with_tokens_and_compression():
     """The prediction tracks a measurement at other shapes too (B, T, and c·r), not only the calibrated one."""
     model = tiny("llama")
     shape, weights = est.ModelShape.from_config(model.config), est.enumerate_weights(model)
-    layers = memwrap.wrap(model, rank=2, granularity=8).layers
+    plan = memwrap.wrap(model, rank=2, granularity=8)
     for B, T in ((1, 17), (3, 64)):
         ids = torch.randint(0, 256, (B, T))
         with SavedTensorMeter(model) as meter:
             model(input_ids=ids, labels=ids)
-        predicted = sum(est.saved_activations(shape, weights, layers, B, T, 4).values())
+        predicted = sum(est.saved_activations(shape, weights, plan.layers, B, T, 4, savings=plan.savings).values())
         assert abs(predicted - meter.bytes) <= 0.05 * meter.bytes, (B, T, predicted, meter.bytes)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import UnsupportedArchitectureError
 from . import merge
 from .base import CompressedWeight, InputGroup, compute_dtype
+from .blocks import SAVINGS_ATTR, recompute
 
 IMPLEMENTATION = "memwrap"
 UNITS_ATTR = "_memwrap_experts"  # {param name: ExpertsUnit} on a wrapped experts module
@@ -160,7 +161,8 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     h = _project(up, hidden_states[token_g], x_tilde, offs, cdt)  # (S, n_up)
     if self.has_bias:
         h = h + getattr(self, up.pname + "_bias")[expert_ids_g]
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (S, I)
+    act = self._apply_gate if self.has_gate else self.act_fn
+    h = recompute(act, h) if SAVINGS_ATTR in self.__dict__ else act(h)  # (S, I); recompute: keep only its input
     h_tilde = down.group.compress(h, cdt, down.refresh_index).reshape(h.shape[0], -1)
     out = _project(down, h, h_tilde, offs, cdt)  # (S, H)
     if self.has_bias:

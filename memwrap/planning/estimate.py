@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..compress.inject import is_conv1d, name_matches, tied_parameter_ids
-from ..config import LayerPlan
+from ..config import LayerPlan, WrapConfig
 from ..errors import InvalidSettingsError
 
 DTYPES = {"fp32": (torch.float32, 4), "float32": (torch.float32, 4), "bf16": (torch.bfloat16, 2),
@@ -268,20 +268,35 @@ def _names(weights: list[Weight], prefix: str, suffixes: tuple[str, ...]) -> lis
             and w.name.rsplit(".", 1)[-1] in suffixes]
 
 
+PLAIN_SAVINGS = {"norms": "keep", "mlp": "keep", "attention": "keep", "checkpoint_layers": ()}
+
+
 def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, ...] | None,
                       batch_size: int, seq_len: int, dtype_bytes: int,
-                      gradient_checkpointing: bool = False) -> dict[str, int]:
-    """Bytes autograd saves for backward in one forward, by part (see the module docstring)."""
+                      gradient_checkpointing: bool = False, savings: dict | None = None) -> dict[str, int]:
+    """Bytes autograd keeps for backward after one forward, by part (see the module docstring).
+
+    savings: the block options of a memwrap Plan (`plan.savings`: norms, mlp, attention, checkpoint_layers);
+    None is what wrap applies by default when `layers` are given, and plain training when they are not.
+    """
     s = shape
     B, T, a = batch_size, seq_len, dtype_bytes
     N = B * T
     H, nh, nkv, hd = s.hidden, s.heads, s.kv_heads, s.head_dim
     plan = _layer_settings(layers)
+    if layers is None:
+        sv = dict(PLAIN_SAVINGS)
+    else:
+        defaults = WrapConfig()
+        sv = {k: getattr(defaults, k) for k in PLAIN_SAVINGS} | dict(savings or {})
+    norms_kept = sv["norms"] == "keep"
+    act_recompute = sv["mlp"] == "act"
     f32_copy = FP32 if a < FP32 else 0  # RMSNorm upcasts its input (and keeps the upcast) below fp32
-    norm_input = a if a >= FP32 else 0  # ... so below fp32 the input itself is not saved by the norm
+    # below fp32 the plain norm keeps the upcast, not the input; a recomputed norm keeps exactly its input
+    norm_input = a if (a >= FP32 or not norms_kept) else 0
 
     def rms_norm(width: int, rows: int) -> int:  # rsqrt (rows × 1, fp32), x.float() below fp32, weight·h saves h
-        return rows * (FP32 + width * (f32_copy + a))
+        return rows * (FP32 + width * (f32_copy + a)) if norms_kept else 0
 
     def layer_norm(width: int, rows: int) -> int:  # mean and rstd per row (input dtype on CPU); input counted by its maker
         return rows * 2 * a
@@ -298,10 +313,18 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         parts["compressed inputs"] += N * comp
         parts["linear inputs (exact)"] += N * (per_tok - comp)
 
+    def recomputed(since: dict, part: str) -> None:
+        """A region recomputed in backward: drop what it kept since `since`, keep only its input (N × H)."""
+        parts.update(since)
+        parts[part] += N * H * a
+
+    attention_recompute, mlp_recompute = sv["attention"] == "recompute", sv["mlp"] == "recompute"
     parts["embeddings"] += N * INDEX_BYTES  # embedding saves the token ids
     per_layer: list[dict[str, int]] = []
     if s.family == "decoder":
         parts["attention"] += 2 * T * hd * a  # RoPE cos and sin (1, T, hd), computed once, saved by every layer's mul
+        if attention_recompute or sv["checkpoint_layers"]:  # a recomputed call keeps position_ids and cache_position
+            parts["attention"] += 2 * T * INDEX_BYTES
         use_gqa_repeat = False  # sdpa takes enable_gqa when there is no mask (training on full sequences)
         moe_every = (s.layers // s.moe_layers) if s.moe_layers else 0
         for i in range(s.layers):
@@ -309,10 +332,11 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             pre = f"model.layers.{i}."
             parts["residual stream"] += N * H * norm_input  # this layer's input (the previous add, or the embedding)
             parts["norms"] += rms_norm(H, N)
+            attention_start = dict(parts)
             add_input(_names(weights, pre, ("q_proj", "k_proj", "v_proj")), H)
             q, k = N * nh * hd * a, N * nkv * hd * a
             att = 0
-            if s.qk_norm:  # q_norm / k_norm over head_dim: saves q_proj/k_proj outputs plus norm internals
+            if s.qk_norm:  # q_norm / k_norm over head_dim: keep q_proj/k_proj outputs (plus internals unless recomputed)
                 att += (q + k) * norm_input // a
                 parts["norms"] += rms_norm(hd, N * nh) + rms_norm(hd, N * nkv)
             att += (q + k) + N * nkv * hd * a  # sdpa saves q_embed, k_embed, v (RoPE's mul saves only cos/sin)
@@ -321,8 +345,11 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             att += N * nh * hd * a + B * nh * T * FP32  # sdpa output and logsumexp
             parts["attention"] += att
             add_input(_names(weights, pre, ("o_proj",)), 0)  # exact: the sdpa output itself (already counted)
+            if attention_recompute:
+                recomputed(attention_start, "attention")
             parts["residual stream"] += N * H * norm_input  # attention residual add
             parts["norms"] += rms_norm(H, N)
+            mlp_start = dict(parts)
             is_moe = bool(s.moe_layers) and (i + 1) % max(moe_every, 1) == 0 and any(
                 w.name.startswith(pre + "mlp.experts") or w.name.startswith(pre + "block_sparse_moe.experts")
                 for w in weights)
@@ -337,7 +364,8 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
                 dn = next((n for n in exp_names if n.endswith("down_proj")), None)
                 ex = 3 * R * INDEX_BYTES + E * FP32 + R * a  # row/slot ids, group offsets, gathered routing weight
                 ex += R * (plan[gu].c * plan[gu].r * a if gu in plan else H * a)  # gate_up input (gathered tokens)
-                ex += R * 2 * Im * a + R * Im * a  # gate_up output (act saves gate, mul saves up), act output
+                # gate_up output (act saves gate, mul saves up), act output; recomputed: the gate_up output only
+                ex += R * 2 * Im * a + (0 if act_recompute else R * Im * a)
                 ex += R * (plan[dn].c * plan[dn].r * a if dn in plan else Im * a)  # down input
                 ex += R * H * a  # down output, saved by the routing-weight mul
                 parts["experts"] += ex
@@ -346,14 +374,17 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
                     # the shared expert reads the router's input (saved by the router anyway): only x̃ adds
                     add_input(_names(weights, sh, ("gate_proj", "up_proj")) + _names(weights, pre + "mlp.",
                                                                                      ("shared_expert_gate",)), 0)
-                    parts["mlp activations"] += 3 * N * s.shared_intermediate * a
+                    parts["mlp activations"] += (2 if act_recompute else 3) * N * s.shared_intermediate * a
                     add_input(_names(weights, sh, ("down_proj",)), s.shared_intermediate)
                     parts["mlp activations"] += N * a + N * H * a  # sigmoid output, shared expert output
             else:
                 Id = s.intermediate
                 add_input(_names(weights, pre + "mlp.", ("gate_proj", "up_proj")), H)
-                parts["mlp activations"] += 3 * N * Id * a  # gate out (SiLU), SiLU out and up out (the mul)
+                # gate out (SiLU), SiLU out and up out (the mul); with act(gate)·up recomputed: gate and up only
+                parts["mlp activations"] += (2 if act_recompute else 3) * N * Id * a
                 add_input(_names(weights, pre + "mlp.", ("down_proj",)), Id)
+            if mlp_recompute:
+                recomputed(mlp_start, "mlp activations")
             per_layer.append({k: parts[k] - before[k] for k in parts})
         parts["residual stream"] += N * H * norm_input  # the last add, saved by the final norm
         parts["norms"] += rms_norm(H, N)
@@ -366,6 +397,7 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         for i in range(s.layers):
             before = dict(parts)
             pre = f"{bert}.encoder.layer.{i}."
+            attention_start = dict(parts)
             add_input(_names(weights, pre + "attention.self.", ("query", "key", "value")), H)  # the layer input
             parts["attention"] += 4 * N * H * a + B * nh * T * FP32  # sdpa: q, k, v, output, logsumexp
             if s.attention_dropout > 0:  # dropout in sdpa: the math path keeps the probabilities and the mask
@@ -373,8 +405,13 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             add_input(_names(weights, pre + "attention.output.", ("dense",)), 0)  # exact: the sdpa output itself
             parts["residual stream"] += N * H * a + mask  # add (LayerNorm's input), dropout mask
             parts["norms"] += layer_norm(H, N)
+            if attention_recompute:  # BertAttention (self-attention, output dense, LayerNorm) keeps its input
+                recomputed(attention_start, "attention")
+            mlp_start = dict(parts)
             add_input(_names(weights, pre + "intermediate.", ("dense",)), H)
             parts["mlp activations"] += N * s.intermediate * a  # dense output, saved by GELU
+            if mlp_recompute:  # BertIntermediate (dense + GELU) keeps its input
+                recomputed(mlp_start, "mlp activations")
             add_input(_names(weights, pre + "output.", ("dense",)), s.intermediate)  # GELU output
             parts["residual stream"] += N * H * a + mask
             parts["norms"] += layer_norm(H, N)
@@ -393,6 +430,14 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         add_input([w.name for w in group], group[0].in_features)
     loss_bytes = FP32 if s.family == "decoder" else a  # causal-LM loss upcasts the logits; BERT's MLM loss does not
     parts["logits/loss"] += lm_in + N * s.vocab * loss_bytes + N * INDEX_BYTES + loss_bytes  # + the loss scalar
+    which = sv["checkpoint_layers"]
+    chosen = range(len(per_layer)) if which == "all" else [i for i in which if i < len(per_layer)]
+    if chosen and not gradient_checkpointing:  # those layers keep only their input; the largest lives again in backward
+        for i in chosen:
+            for k, v in per_layer[i].items():
+                parts[k] -= v
+        parts["layer inputs (checkpointed)"] = len(chosen) * N * H * a
+        return {**parts, "_recompute": max(sum(per_layer[i].values()) for i in chosen)}
     if gradient_checkpointing:
         # only each layer's input is kept; one layer's activations live again during its recomputation
         layer_total = sum(per_layer[0].values()) if per_layer else 0
@@ -409,7 +454,7 @@ def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
 def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, ...] | None, *, batch_size: int,
              seq_len: int, dtype_bytes: int, param_bytes: int | None = None, optimizer: str = "adamw",
              gradient_checkpointing: bool = False, chunked_cross_entropy: bool = False,
-             ce_chunk_tokens: int = 1024) -> Estimate:
+             ce_chunk_tokens: int = 1024, savings: dict | None = None) -> Estimate:
     """Predicted peak of one training step (forward, backward, optimizer step) with the given layer settings.
 
     layers=None is plain training (every weight exact). The peak is the larger of the end of forward
@@ -420,7 +465,7 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
     N = batch_size * seq_len
     weight_bytes = sum(w.numel for w in weights) * pb
     grads, states = trainable_bytes(weights, layers, pb, optimizer)
-    acts = saved_activations(shape, weights, layers, batch_size, seq_len, dtype_bytes, gradient_checkpointing)
+    acts = saved_activations(shape, weights, layers, batch_size, seq_len, dtype_bytes, gradient_checkpointing, savings)
     recompute = acts.pop("_recompute", 0)
     if chunked_cross_entropy:  # logits and log-probs exist one chunk at a time (recomputed in backward)
         rows = min(N, ce_chunk_tokens)

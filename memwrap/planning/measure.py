@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class SavedTensorMeter:
@@ -60,3 +63,37 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
             continue
         total += tensor_bytes(v for k, v in state.items() if isinstance(v, torch.Tensor) and v.ndim > 0)
     return total
+
+
+class LiveActivationMeter(TorchDispatchMode):
+    """Bytes a forward leaves alive for backward: every storage an op inside the context created that is still
+    alive when the context exits (parameters and buffers excluded; keep the outputs referenced while reading).
+
+    Unlike saved-tensor hooks this also sees what `torch.utils.checkpoint` keeps (its inputs and arguments), so it
+    measures plain, wrapped and recomputed blocks alike.
+    """
+
+    def __init__(self, model: nn.Module | None = None):
+        super().__init__()
+        self._exclude = set()
+        if model is not None:
+            self._exclude = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
+                             if t.device.type != "meta"}
+        self._refs: dict[int, tuple] = {}
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in self._exclude:
+                    self._refs[ptr] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        self.bytes = sum(n for ref, n in self._refs.values() if not ref.expired())
+        self._refs = {}
+        return out

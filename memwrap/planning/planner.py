@@ -298,6 +298,7 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
                                  if w.kind == "experts" and w.name not in planned)
     base = Plan(layers=(), projection=config.projection, refresh_every=config.refresh_every, seed=config.seed,
                 share_inputs=config.share_inputs, stochastic_rounding=config.stochastic_rounding, skipped=skipped,
+                norms=config.norms, mlp=config.mlp, attention=config.attention, checkpoint_layers=config.checkpoint_layers,
                 model_class=sk.model_class)
     return _finish(base, choice, budget_bytes, batch, seq, dtype.lower(), source, sk.shape)
 

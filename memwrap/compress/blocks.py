@@ -1,0 +1,219 @@
+"""Whole-layer activation savings: what a transformer block keeps for backward besides its linear inputs.
+
+Every saving here recomputes a region in backward instead of keeping its intermediates, through PyTorch's own
+non-reentrant `torch.utils.checkpoint` (RNG state preserved), so losses and gradients are bit-identical to plain
+training; what changes is only what stays alive between forward and backward:
+
+    norm       an RMSNorm written in Python ops (fp32 copy, rstd, normed output kept) -> its input only
+    act        the MLP's element-wise part: act(gate)·up (SwiGLU/GeGLU, fused gate/up, MoE experts) keeps gate and
+               up only, not the activation output and the gated product; a Python-op GELU (GPT-2) keeps its input
+    mlp        (option "recompute") the whole MLP -> its input only (two or three more matmuls in backward)
+    attention  (option "recompute") the attention module -> its input only (q/k/v and attention again in backward)
+    layer      (per layer) the whole decoder layer -> its input only (gradient checkpointing of chosen layers)
+
+Installed by setting `forward` on the module instances the adapter names (an instance attribute: the class and
+every other instance are untouched); `restore` deletes it. Each replacement is checked once, at wrap time, to give
+the very same output as the module's own forward on a random input; a module that does not is left as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+SAVINGS_ATTR = "_memwrap_saving"  # on a module whose forward memwrap replaced: the kind ("norm", "act", ...)
+
+
+def recompute(fn, *args, **kwargs):
+    """fn(*args, **kwargs), keeping only the inputs for backward when autograd records this forward."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _own_forward(module: nn.Module):
+    return type(module).forward.__get__(module)
+
+
+class SavingForward:
+    """The replacement `forward` of one module instance (picklable: it holds the module and the kind, no bound method)."""
+
+    def __init__(self, module: nn.Module, kind: str):
+        self.module, self.kind = module, kind
+
+    def __call__(self, *args, **kwargs):
+        m = self.module
+        if self.kind in ("norm", "whole"):  # the module's own forward, recomputed in backward
+            return recompute(_own_forward(m), *args, **_without_cache(kwargs) if self.kind == 'whole' else kwargs)
+        if self.kind == "gated":  # LlamaMLP and kin: down(act(gate(x)) * up(x))
+            (x,) = args
+            return m.down_proj(recompute(_gated, m.act_fn, m.gate_proj(x), m.up_proj(x)))
+        if self.kind == "fused-gated":  # Phi-3: gate and up in one projection
+            (x,) = args
+            return m.down_proj(recompute(_fused_gated, m.activation_fn, m.gate_up_proj(x)))
+        raise AssertionError(self.kind)
+
+
+def _without_cache(kwargs: dict) -> dict:
+    """A recomputed attention or layer must not write a KV cache twice (HF's checkpointing drops it the same way)."""
+    if not torch.is_grad_enabled():
+        return kwargs
+    out = dict(kwargs)
+    for key, value in kwargs.items():  # past_key_values, cache, layer_past: anything that acts as a KV cache
+        if hasattr(value, "get_seq_length") or key in ("past_key_values", "past_key_value", "layer_past"):
+            out[key] = None
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+def _gated(act, gate, up):
+    return act(gate) * up
+
+
+def _fused_gated(act, gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * act(gate)
+
+
+# ---- what to replace ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Saving:
+    """One module whose forward memwrap replaces: its qualified name and the kind of replacement."""
+
+    name: str
+    kind: str  # "norm" | "gated" | "fused-gated" | "whole" | "experts-act"
+    part: str  # "norm" | "mlp" | "attention" | "layer" | "act"
+
+
+def _is_python_rms_norm(module: nn.Module) -> bool:
+    """An RMSNorm implemented with Python tensor ops (HF's), which keeps an fp32 copy and its output for backward."""
+    return "rmsnorm" in type(module).__name__.lower() and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+def _mlp_kind(module: nn.Module) -> str | None:
+    if all(isinstance(getattr(module, a, None), nn.Module) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return "gated"
+    if all(isinstance(getattr(module, a, None), nn.Module) for a in ("gate_up_proj", "down_proj", "activation_fn")) \
+            and isinstance(module.gate_up_proj, nn.Linear):
+        return "fused-gated"
+    return None
+
+
+def _python_gelu(module: nn.Module) -> bool:
+    """An activation module of Python ops (GPT-2's NewGELUActivation keeps several intermediates)."""
+    return type(module).__name__ in ("NewGELUActivation", "GELUTanh", "FastGELUActivation", "QuickGELUActivation",
+                                     "GELUPytorchTanh") or type(module).__name__.endswith("NewGELUActivation")
+
+
+def find_savings(model: nn.Module, adapter, *, norms: str = "recompute", mlp: str = "act", attention: str = "keep",
+                 checkpoint_layers=()) -> list[Saving]:
+    """The replacements these options ask for, by the adapter's names of norms, MLPs and attention modules."""
+    parts = adapter.parts(model)
+    out: list[Saving] = []
+    layers = set(layer_names(model, checkpoint_layers))
+    inside_layer = lambda name: any(name.startswith(p + ".") for p in layers)  # noqa: E731
+    for name in layers:
+        out.append(Saving(name, "whole", "layer"))
+    if norms == "recompute":
+        for name in parts["norm"]:
+            if not inside_layer(name) and _is_python_rms_norm(model.get_submodule(name)):
+                out.append(Saving(name, "norm", "norm"))
+    if attention == "recompute":
+        out += [Saving(n, "whole", "attention") for n in parts["attention"] if not inside_layer(n)]
+    for name in parts["mlp"]:
+        if inside_layer(name):
+            continue
+        module = model.get_submodule(name)
+        if mlp == "recompute":
+            out.append(Saving(name, "whole", "mlp"))
+            continue
+        if mlp == "act":
+            kind = _mlp_kind(module)
+            if kind is not None:
+                out.append(Saving(name, kind, "mlp"))
+            experts = getattr(module, "experts", None)
+            if isinstance(experts, nn.Module) and hasattr(experts, "_apply_gate"):  # fused experts: memwrap's forward
+                out.append(Saving(f"{name}.experts", "experts-act", "mlp"))
+            for sub_name, sub in module.named_modules():  # a shared expert MLP inside an MoE block; GPT-2's act
+                full = f"{name}.{sub_name}"
+                if sub_name and _mlp_kind(sub) is not None and kind is None:
+                    out.append(Saving(full, _mlp_kind(sub), "mlp"))
+                elif sub_name and _python_gelu(sub):
+                    out.append(Saving(full, "whole", "act"))
+    return out
+
+
+def layer_names(model: nn.Module, which) -> list[str]:
+    """Qualified names of the decoder (or encoder) layers `which` selects: "all" or layer indices."""
+    if not which:
+        return []
+    stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith(("layers", "layer", ".h"))]
+    if not stacks:
+        return []
+    stack_name, stack = max(stacks, key=lambda nm: len(nm[1]))
+    indices = range(len(stack)) if which == "all" else which
+    return [f"{stack_name}.{i}" for i in indices if 0 <= i < len(stack)]
+
+
+# ---- install / restore ------------------------------------------------------------------------------------
+def _check_same_output(module: nn.Module, forward: SavingForward, kind: str) -> bool:
+    """The replacement gives the module's own output, bit for bit, on a random input (norms and MLPs)."""
+    if kind == "whole":
+        return True  # the module's own forward, recomputed: identical by construction
+    width = getattr(module, "weight", None)
+    if kind == "norm":
+        width = module.weight.shape[-1]
+    else:
+        first = module.gate_proj if kind == "gated" else module.gate_up_proj
+        width = first.in_features if isinstance(first, nn.Linear) else first.weight.shape[-1]
+    param = next(module.parameters())
+    if param.device.type == "meta":
+        return True
+    g = torch.Generator(device=param.device).manual_seed(0)
+    x = torch.randn(3, width, generator=g, device=param.device).to(param.dtype)
+    with torch.no_grad():
+        try:
+            return torch.equal(_own_forward(module)(x), forward(x))
+        except (TypeError, RuntimeError, ValueError):
+            return False
+
+
+def install(model: nn.Module, savings: list[Saving]) -> list[Saving]:
+    """Replace each module's forward (instance attribute); returns what was installed (checked ones only)."""
+    done = []
+    for s in savings:
+        module = model.get_submodule(s.name)
+        if SAVINGS_ATTR in module.__dict__:
+            continue
+        if s.kind == "experts-act":  # memwrap's experts forward recomputes act(gate)·up when it sees the mark
+            object.__setattr__(module, SAVINGS_ATTR, s.part)
+            done.append(s)
+            continue
+        forward = SavingForward(module, s.kind)
+        if not _check_same_output(module, forward, s.kind):
+            continue
+        module.forward = forward
+        object.__setattr__(module, SAVINGS_ATTR, s.part)
+        done.append(s)
+    return done
+
+
+def restore(model: nn.Module) -> int:
+    """Remove every replacement: each module runs its class's forward again. Returns how many."""
+    count = 0
+    for module in model.modules():
+        if SAVINGS_ATTR in module.__dict__:
+            if isinstance(module.__dict__.get("forward"), SavingForward):
+                del module.forward
+            object.__delattr__(module, SAVINGS_ATTR)
+            count += 1
+    return count
+
+
+def installed(model: nn.Module) -> dict[str, str]:
+    """Qualified module name -> the part whose saving is installed there."""
+    return {n: m.__dict__[SAVINGS_ATTR] for n, m in model.named_modules() if SAVINGS_ATTR in m.__dict__}
