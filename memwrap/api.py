@@ -63,6 +63,7 @@ def wrap(
     mlp: str = "act",
     attention: str = "keep",
     checkpoint_layers=(),
+    loss_chunk: int = 0,
 ) -> Plan:
     """Compress the model's linear (and MoE expert) layers in place and return the Plan that was applied.
 
@@ -74,13 +75,16 @@ def wrap(
     What each block keeps for backward besides linear inputs (every option exact; docs/activations.md):
     norms="recompute" (an RMSNorm keeps only its input) or "keep"; mlp="act" (act(gate)·up recomputed in backward),
     "recompute" (the whole MLP keeps only its input) or "keep"; attention="keep" or "recompute" (the attention
-    module keeps only its input); checkpoint_layers: layer indices or "all", recomputed whole in backward.
+    module keeps only its input); checkpoint_layers: layer indices or "all", recomputed whole in backward;
+    loss_chunk: causal LMs compute the cross-entropy this many tokens at a time when called with labels, so the
+    N × V logits never exist (the output's logits is then None; without labels they are returned as usual).
     """
     inject.require_unwrapped(model)
     config = WrapConfig(rank=rank, granularity=granularity, projection=projection, refresh_every=refresh_every,
                         seed=seed, targets=_as_tuple(targets, "targets"), exclude=_as_tuple(exclude, "exclude") or (),
                         share_inputs=share_inputs, stochastic_rounding=stochastic_rounding, norms=norms, mlp=mlp,
-                        attention=attention, checkpoint_layers=as_layer_indices(checkpoint_layers))
+                        attention=attention, checkpoint_layers=as_layer_indices(checkpoint_layers),
+                        loss_chunk=loss_chunk)
     config.validate()
     if plan is not None:
         if rank is not None or granularity is not None or budget_gb is not None or config.savings_changed():
@@ -137,16 +141,20 @@ def optimizer(
     model: nn.Module,
     lr: float = 1e-3,
     *,
-    kind: str = "projfactor",
+    kind: str | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     error_feedback: bool = False,
     no_decay=("bias", "norm", "embed"),
 ) -> torch.optim.Optimizer:
-    """The matching optimizer: ProjFactor (default) or subspace AdamW for wrapped layers, AdamW for the rest."""
+    """The matching optimizer: ProjFactor or subspace AdamW ("adamw") for wrapped layers, AdamW for the rest.
+
+    kind=None takes the one the plan counted (a plan from a memory budget names it), else ProjFactor.
+    """
     from .optim import MemwrapOptimizer
 
-    inject.require_wrapped(model)
+    state = inject.require_wrapped(model)
+    kind = kind if kind is not None else (state.plan.optimizer or "projfactor")
     return MemwrapOptimizer.for_model(model, lr=lr, kind=kind, betas=betas, eps=eps, weight_decay=weight_decay,
                                       error_feedback=error_feedback, no_decay=_as_tuple(no_decay, "no_decay") or ())

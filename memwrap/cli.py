@@ -52,6 +52,9 @@ def plan_report(model: str, plan, baselines: dict) -> dict:
         "seq_len": plan.seq_len,
         "dtype": plan.dtype,
         "memwrap": dict(plan.memory),
+        "step_time_overhead": plan.step_time_overhead,
+        "recompute": plan.savings,
+        "optimizer": plan.optimizer,
         "baselines": {k: dict(v.parts) | {"peak": v.peak_bytes} for k, v in baselines.items()},
         "plan": plan.to_dict(),
     }
@@ -79,9 +82,14 @@ def format_table(model: str, plan, baselines: dict) -> str:
         kinds[key] = kinds.get(key, 0) + 1
     for (leaf, _kind, e, n, m, c, r), count in kinds.items():
         lines.append(f"{leaf:<28}{count:>6}{e:>5}{f'{n}×{m}':>14}{c:>6}{r:>5}{c * r / m:>9.4f}")
-    extra = {"gradient checkpointing": plan.gradient_checkpointing, "chunked cross-entropy": plan.chunked_cross_entropy}
+    which = plan.checkpoint_layers
+    layers = "all" if which == "all" else (f"{len(which)} ({', '.join(map(str, which[:6]))}{' ...' if len(which) > 6 else ''})"
+                                           if which else "none")
     lines.append("")
-    lines.append(", ".join(f"{k}: {'on' if v else 'off'}" for k, v in extra.items()))
+    lines.append(f"norms: {plan.norms}, mlp: {plan.mlp}, attention: {plan.attention}, checkpointed layers: {layers}, "
+                 f"chunked loss: {plan.loss_chunk or 'off'}, optimizer: {plan.optimizer or '-'}")
+    if plan.step_time_overhead is not None:
+        lines.append(f"predicted step time: +{plan.step_time_overhead:.0%} over plain training (recomputed FLOPs)")
     if plan.skipped:
         lines.append(f"left exact: {len(plan.skipped)} weights (e.g. {plan.skipped[0][0]}: {plan.skipped[0][1]})")
     lines.extend(plan.notes)

@@ -17,11 +17,14 @@ PROJECTIONS = ("stiefel", "gaussian", "rademacher")  # kinds of random projectio
 NORM_OPTIONS = ("keep", "recompute")  # recompute: an RMSNorm keeps only its input
 MLP_OPTIONS = ("keep", "act", "recompute")  # act: act(gate)·up recomputed; recompute: the whole MLP keeps its input
 ATTENTION_OPTIONS = ("keep", "recompute")  # recompute: the attention module keeps only its input
-SAVING_FIELDS = ("norms", "mlp", "attention", "checkpoint_layers")
+SAVING_FIELDS = ("norms", "mlp", "attention", "checkpoint_layers", "loss_chunk")
 
 
-def check_savings(norms, mlp, attention, checkpoint_layers) -> None:
+def check_savings(norms, mlp, attention, checkpoint_layers, loss_chunk=0) -> None:
     """InvalidSettingsError unless the block-saving options are valid."""
+    if not isinstance(loss_chunk, int) or isinstance(loss_chunk, bool) or loss_chunk < 0:
+        raise InvalidSettingsError(f"loss_chunk={loss_chunk!r} must be a number of tokens per chunk of the loss "
+                                   "(0: the model's own loss).")
     for key, value, allowed in (("norms", norms, NORM_OPTIONS), ("mlp", mlp, MLP_OPTIONS),
                                 ("attention", attention, ATTENTION_OPTIONS)):
         if value not in allowed:
@@ -104,6 +107,7 @@ class WrapConfig:
     mlp: str = "act"  # see MLP_OPTIONS
     attention: str = "keep"  # see ATTENTION_OPTIONS
     checkpoint_layers: tuple[int, ...] | str = ()  # layers recomputed whole in backward: indices or "all"
+    loss_chunk: int = 0  # causal LMs: cross-entropy over this many tokens at a time, logits never whole (0: off)
 
     def validate(self) -> None:
         for key in ("rank", "granularity"):
@@ -117,7 +121,12 @@ class WrapConfig:
             raise InvalidSettingsError(f"seed={self.seed!r} must be a non-negative integer.")
         if self.projection not in PROJECTIONS:
             raise InvalidSettingsError(f"projection={self.projection!r} is unknown; use one of {', '.join(PROJECTIONS)}.")
-        check_savings(self.norms, self.mlp, self.attention, self.checkpoint_layers)
+        check_savings(self.norms, self.mlp, self.attention, self.checkpoint_layers, self.loss_chunk)
+
+    @property
+    def savings(self) -> dict[str, Any]:
+        """The block-saving options: norms, mlp, attention, checkpoint_layers, loss_chunk."""
+        return {k: getattr(self, k) for k in SAVING_FIELDS}
 
     def savings_changed(self) -> bool:
         """Whether any block-saving option differs from its default."""
@@ -150,6 +159,7 @@ class Plan:
     mlp: str = "act"
     attention: str = "keep"
     checkpoint_layers: tuple[int, ...] | str = ()
+    loss_chunk: int = 0
     model_class: str = ""
     # filled by the planner when the plan came from a memory budget
     budget_bytes: int | None = None
@@ -159,12 +169,14 @@ class Plan:
     gradient_checkpointing: bool = False
     chunked_cross_entropy: bool = False
     memory: tuple[tuple[str, int], ...] = ()  # named parts of the predicted peak, bytes
+    step_time_overhead: float | None = None  # predicted step time over plain training (recomputed FLOPs)
+    optimizer: str | None = None  # the optimizer whose state bytes the plan counted; memwrap.optimizer builds it
     notes: tuple[str, ...] = field(default=())
 
     # ---- derived numbers -------------------------------------------------------------------------
     @property
     def savings(self) -> dict[str, Any]:
-        """The block-saving options: norms, mlp, attention, checkpoint_layers."""
+        """The block-saving options: norms, mlp, attention, checkpoint_layers, loss_chunk."""
         return {k: getattr(self, k) for k in SAVING_FIELDS}
 
     @property
@@ -216,7 +228,7 @@ class Plan:
         data["checkpoint_layers"] = as_layer_indices(data.get("checkpoint_layers", ()))
         plan = cls(**data)
         try:
-            check_savings(plan.norms, plan.mlp, plan.attention, plan.checkpoint_layers)
+            check_savings(plan.norms, plan.mlp, plan.attention, plan.checkpoint_layers, plan.loss_chunk)
         except InvalidSettingsError as e:
             raise PlanMismatchError(f"plan has invalid block options: {e}") from None
         return plan

@@ -185,3 +185,20 @@ def test_a_trained_model_with_savings_saves_and_loads_like_the_plain_one(tmp_pat
     memwrap.load(fresh, tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("option", ["default", "recompute", "layers"])
+def test_savings_are_exact_under_autocast(option):
+    """bf16 autocast on the CPU: the recomputed regions run under the same autocast state as the first forward."""
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for options in ({"norms": "keep", "mlp": "keep"}, OPTIONS[option]):
+        model = tiny("llama")
+        memwrap.wrap(model, rank=4, granularity=2, **options)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref_loss, ref), (loss, grads) = runs
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert all(rel(grads[n], ref[n]) <= 1e-4 for n in ref)

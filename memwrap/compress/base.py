@@ -8,6 +8,7 @@ A compressed weight W (n × m, or E experts of n × m) is frozen; its update arr
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
@@ -97,6 +98,15 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None) ->
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+MERGE_CHUNK_BYTES = 64 << 20  # the merge's transient (lift, fp32 copy, rounding noise) stays below this
+MERGE_BYTES_PER_ELEMENT = 20  # what one weight element costs while it is merged (bf16 + stochastic rounding)
+
+
+def merge_rows(rows: int, width: int) -> int:
+    """Rows of a weight merged at once so the merge transient stays within MERGE_CHUNK_BYTES."""
+    return max(1, min(rows, MERGE_CHUNK_BYTES // max(1, width * MERGE_BYTES_PER_ELEMENT)))
+
+
 def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, decay: float, *, stochastic: bool,
                   seed: int, name: str, step: int) -> None:
     """weight ← weight·decay + delta in place (decay = 1 − lr·wd), stochastically rounded for bf16 weights."""
@@ -162,8 +172,25 @@ class CompressedWeight:
                       stochastic=self.stochastic_rounding, seed=self.group.seed, name=self.layer_name, step=step)
 
     def merge(self, delta_coords: torch.Tensor, decay: float, step: int) -> None:
-        """W ← W·decay + lift(delta_coords)."""
-        self.apply_delta(self.lifted(delta_coords), decay, step)
+        """W ← W·decay + lift(delta_coords), a block of output rows at a time (the transient stays bounded).
+
+        Each block draws its own stochastic-rounding stream (seeded by layer, step and block), so the merge is
+        deterministic for a seed and unbiased."""
+        c = local(delta_coords)
+        w = local(self.weight)
+        lead, n = c.shape[:-3], c.shape[-3]
+        step_rows = merge_rows(n, self.in_features)
+        if step_rows >= n:  # one block: the whole weight
+            self.apply_delta(self.lifted(delta_coords), decay, step)
+            return
+        for idx in itertools.product(*(range(d) for d in lead)):  # each expert of a fused weight, then its rows
+            for r0 in range(0, n, step_rows):
+                rows = slice(r0, min(n, r0 + step_rows))
+                delta = self.lifted(c[idx + (rows,)])  # (rows, m)
+                target = w[idx + ((slice(None), rows) if self.transposed else (rows,))]
+                add_to_weight(target, delta.transpose(-1, -2) if self.transposed else delta, decay,
+                              stochastic=self.stochastic_rounding, seed=self.group.seed,
+                              name=f"{self.layer_name}#{idx}.{r0}", step=step)
 
     def advance(self, step: int) -> torch.Tensor | None:
         """Move to the refresh index of `step` completed steps; the r × r transfer of coordinates if P changed."""

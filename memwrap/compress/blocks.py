@@ -118,20 +118,20 @@ def find_savings(model: nn.Module, adapter, *, norms: str = "recompute", mlp: st
     inside_layer = lambda name: any(name.startswith(p + ".") for p in layers)  # noqa: E731
     for name in layers:
         out.append(Saving(name, "whole", "layer"))
+    # Inside a checkpointed layer the element-wise savings stay (they keep its recomputation small, nested in it);
+    # recomputing its MLP or attention once more would only cost time.
     if norms == "recompute":
         for name in parts["norm"]:
-            if not inside_layer(name) and _is_python_rms_norm(model.get_submodule(name)):
+            if _is_python_rms_norm(model.get_submodule(name)):
                 out.append(Saving(name, "norm", "norm"))
     if attention == "recompute":
         out += [Saving(n, "whole", "attention") for n in parts["attention"] if not inside_layer(n)]
     for name in parts["mlp"]:
-        if inside_layer(name):
-            continue
         module = model.get_submodule(name)
-        if mlp == "recompute":
+        if mlp == "recompute" and not inside_layer(name):
             out.append(Saving(name, "whole", "mlp"))
             continue
-        if mlp == "act":
+        if mlp == "act" or (mlp == "recompute" and inside_layer(name)):
             kind = _mlp_kind(module)
             if kind is not None:
                 out.append(Saving(name, kind, "mlp"))

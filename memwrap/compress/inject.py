@@ -19,7 +19,7 @@ from ..errors import (
     PlanMismatchError,
     UnsupportedArchitectureError,
 )
-from . import blocks, experts, merge
+from . import blocks, experts, loss, merge
 from .base import InputGroup
 from .linear import CompressedLinear
 
@@ -196,6 +196,7 @@ def build_plan(model: nn.Module, config: WrapConfig, candidates: list[Candidate]
     return Plan(layers=tuple(layers), projection=config.projection, refresh_every=config.refresh_every,
                 seed=config.seed, share_inputs=config.share_inputs, stochastic_rounding=config.stochastic_rounding,
                 norms=config.norms, mlp=config.mlp, attention=config.attention, checkpoint_layers=config.checkpoint_layers,
+                loss_chunk=config.loss_chunk,
                 skipped=tuple(skipped), model_class=type(model).__name__)
 
 
@@ -260,7 +261,10 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[CompressedLinear]:
         for unit in mod_units:
             merge.register(unit)
     object.__setattr__(model, "_memwrap_previous_experts_impl", previous_impl)
-    blocks.install(model, blocks.find_savings(model, resolve(model), **plan.savings))
+    savings = dict(plan.savings)
+    loss_chunk = savings.pop("loss_chunk")
+    blocks.install(model, blocks.find_savings(model, resolve(model), **savings))
+    loss.install(model, loss_chunk)
     return [m for _, m in built] + [u for us in units.values() for u in us]
 
 
@@ -273,6 +277,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def restore_all(model: nn.Module) -> int:
     """Put every original nn.Linear back, with the current (merged) weight and bias. Returns how many."""
     blocks.restore(model)
+    loss.remove(model)
     count = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, CompressedLinear):

@@ -21,6 +21,7 @@ from importlib import resources
 import torch
 from torch import nn
 
+from ..compress.base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES
 from ..compress.inject import is_conv1d, name_matches, tied_parameter_ids
 from ..config import LayerPlan, WrapConfig
 from ..errors import InvalidSettingsError
@@ -290,7 +291,6 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         defaults = WrapConfig()
         sv = {k: getattr(defaults, k) for k in PLAIN_SAVINGS} | dict(savings or {})
     norms_kept = sv["norms"] == "keep"
-    act_recompute = sv["mlp"] == "act"
     f32_copy = FP32 if a < FP32 else 0  # RMSNorm upcasts its input (and keeps the upcast) below fp32
     # below fp32 the plain norm keeps the upcast, not the input; a recomputed norm keeps exactly its input
     norm_input = a if (a >= FP32 or not norms_kept) else 0
@@ -318,12 +318,17 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         parts.update(since)
         parts[part] += N * H * a
 
-    attention_recompute, mlp_recompute = sv["attention"] == "recompute", sv["mlp"] == "recompute"
+    which = sv["checkpoint_layers"]
+    chosen = set(range(s.layers)) if which == "all" else set(which)
+    # a checkpointed layer keeps its norm and act(gate)·up savings (nested), not an MLP or attention recompute
+    attention_rc = lambda i: sv["attention"] == "recompute" and i not in chosen  # noqa: E731
+    mlp_rc = lambda i: sv["mlp"] == "recompute" and i not in chosen  # noqa: E731
+    act_recompute = sv["mlp"] in ("act", "recompute")
     parts["embeddings"] += N * INDEX_BYTES  # embedding saves the token ids
     per_layer: list[dict[str, int]] = []
     if s.family == "decoder":
         parts["attention"] += 2 * T * hd * a  # RoPE cos and sin (1, T, hd), computed once, saved by every layer's mul
-        if attention_recompute or sv["checkpoint_layers"]:  # a recomputed call keeps position_ids and cache_position
+        if any(attention_rc(i) for i in range(s.layers)) or chosen:  # recomputed calls keep position and cache ids
             parts["attention"] += 2 * T * INDEX_BYTES
         use_gqa_repeat = False  # sdpa takes enable_gqa when there is no mask (training on full sequences)
         moe_every = (s.layers // s.moe_layers) if s.moe_layers else 0
@@ -345,7 +350,7 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             att += N * nh * hd * a + B * nh * T * FP32  # sdpa output and logsumexp
             parts["attention"] += att
             add_input(_names(weights, pre, ("o_proj",)), 0)  # exact: the sdpa output itself (already counted)
-            if attention_recompute:
+            if attention_rc(i):
                 recomputed(attention_start, "attention")
             parts["residual stream"] += N * H * norm_input  # attention residual add
             parts["norms"] += rms_norm(H, N)
@@ -383,7 +388,7 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
                 # gate out (SiLU), SiLU out and up out (the mul); with act(gate)·up recomputed: gate and up only
                 parts["mlp activations"] += (2 if act_recompute else 3) * N * Id * a
                 add_input(_names(weights, pre + "mlp.", ("down_proj",)), Id)
-            if mlp_recompute:
+            if mlp_rc(i):
                 recomputed(mlp_start, "mlp activations")
             per_layer.append({k: parts[k] - before[k] for k in parts})
         parts["residual stream"] += N * H * norm_input  # the last add, saved by the final norm
@@ -405,12 +410,12 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             add_input(_names(weights, pre + "attention.output.", ("dense",)), 0)  # exact: the sdpa output itself
             parts["residual stream"] += N * H * a + mask  # add (LayerNorm's input), dropout mask
             parts["norms"] += layer_norm(H, N)
-            if attention_recompute:  # BertAttention (self-attention, output dense, LayerNorm) keeps its input
+            if attention_rc(i):  # BertAttention (self-attention, output dense, LayerNorm) keeps its input
                 recomputed(attention_start, "attention")
             mlp_start = dict(parts)
             add_input(_names(weights, pre + "intermediate.", ("dense",)), H)
             parts["mlp activations"] += N * s.intermediate * a  # dense output, saved by GELU
-            if mlp_recompute:  # BertIntermediate (dense + GELU) keeps its input
+            if mlp_rc(i):  # BertIntermediate (dense + GELU) keeps its input
                 recomputed(mlp_start, "mlp activations")
             add_input(_names(weights, pre + "output.", ("dense",)), s.intermediate)  # GELU output
             parts["residual stream"] += N * H * a + mask
@@ -429,9 +434,11 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
     for group in by_group.values():
         add_input([w.name for w in group], group[0].in_features)
     loss_bytes = FP32 if s.family == "decoder" else a  # causal-LM loss upcasts the logits; BERT's MLM loss does not
-    parts["logits/loss"] += lm_in + N * s.vocab * loss_bytes + N * INDEX_BYTES + loss_bytes  # + the loss scalar
-    which = sv["checkpoint_layers"]
-    chosen = range(len(per_layer)) if which == "all" else [i for i in which if i < len(per_layer)]
+    if sv.get("loss_chunk") and s.family == "decoder":  # chunked loss: the head's input and the shifted targets
+        parts["logits/loss"] += lm_in + 2 * N * INDEX_BYTES + 2 * FP32
+    else:
+        parts["logits/loss"] += lm_in + N * s.vocab * loss_bytes + N * INDEX_BYTES + loss_bytes  # + the loss scalar
+    chosen = sorted(i for i in chosen if i < len(per_layer))
     if chosen and not gradient_checkpointing:  # those layers keep only their input; the largest lives again in backward
         for i in chosen:
             for k, v in per_layer[i].items():
@@ -465,23 +472,35 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
     N = batch_size * seq_len
     weight_bytes = sum(w.numel for w in weights) * pb
     grads, states = trainable_bytes(weights, layers, pb, optimizer)
+    if layers is not None and (savings or {}).get("loss_chunk"):
+        chunked_cross_entropy, ce_chunk_tokens = True, savings["loss_chunk"]
+    elif chunked_cross_entropy and layers is not None:
+        savings = dict(savings or {}, loss_chunk=ce_chunk_tokens)
     acts = saved_activations(shape, weights, layers, batch_size, seq_len, dtype_bytes, gradient_checkpointing, savings)
     recompute = acts.pop("_recompute", 0)
-    if chunked_cross_entropy:  # logits and log-probs exist one chunk at a time (recomputed in backward)
+    if chunked_cross_entropy and layers is None:  # a plain model with a hand-written chunked loss
         rows = min(N, ce_chunk_tokens)
         acts["logits/loss"] = acts.get("logits/loss", 0) - N * shape.vocab * FP32 + N * FP32 + rows * shape.vocab * FP32
         live_logits = rows * shape.vocab * dtype_bytes
+    elif chunked_cross_entropy:  # memwrap's chunked loss: one chunk's logits at a time, never returned
+        live_logits = 0
     else:
         live_logits = logits_bytes(shape, N, dtype_bytes)  # the model output keeps the logits alive
     saved = sum(acts.values())
     # largest transient: the logits' gradient (fp32 and cast) at the start of backward, or an MLP block's
     # temporaries, or a checkpointed layer recomputed
     rows = min(N, ce_chunk_tokens) if chunked_cross_entropy else N
-    transient = max(rows * shape.vocab * (FP32 + dtype_bytes),
+    # (memwrap's chunked loss holds a chunk's fp32 logits, their softmax and its cast gradient in backward)
+    per_row = (2 * FP32 + dtype_bytes) if chunked_cross_entropy and layers is not None else (FP32 + dtype_bytes)
+    transient = max(rows * shape.vocab * per_row,
                     N * max(shape.intermediate, shape.moe_intermediate * max(shape.top_k, 1)) * dtype_bytes * 2,
                     recompute)
     forward_peak = weight_bytes + states + saved + live_logits + transient
-    step_peak = weight_bytes + grads + states + max(w.numel for w in weights) * pb * 2
+    # the step's transient: an exact weight's optimizer temporaries, or one block of a compressed weight's merge
+    plan = _layer_settings(layers)
+    exact_max = max((w.numel for w in weights if w.name not in plan and w.trainable), default=0)
+    merge = min(MERGE_CHUNK_BYTES, max((lp.weight_numel for lp in plan.values()), default=0) * MERGE_BYTES_PER_ELEMENT)
+    step_peak = weight_bytes + grads + states + max(exact_max * pb * 2, merge)
     peak = max(forward_peak, step_peak)
     parts = (("weights", weight_bytes), ("gradients", grads), ("optimizer states", states),
              ("saved activations", saved), ("logits", live_logits), ("largest transient", transient))

@@ -1,19 +1,19 @@
-"""Choosing (c, r) per layer (and, where needed to fit, gradient checkpointing / chunked cross-entropy) from a budget.
+"""Choosing, from a memory budget, (c, r) per layer and what each block recomputes; `wrap` applies all of it.
 
 Gradient quality is the estimator's relative variance (d − r)/r per block (Stiefel P). At a fixed
 compression c·r/m it equals m/(c·r) − 1 whatever the split, so the planner walks compression levels from
-the finest (c·r = m/2) down and, within a level, splits c·r into blocks of rank r ≈ 8 (VLoRP: finer
+the least (c·r = m/2) to the finest and, within a level, splits c·r into blocks of rank r ≈ 8 (VLoRP: finer
 granularity at equal c·r trained better). Every layer of one input width gets the same (c, r), so siblings
 (q/k/v, gate/up) always share one x̃.
 
-Options in order of preference: no extra measures at levels 1/2 … 1/32; then chunked cross-entropy; then
-gradient checkpointing; then both; then levels 1/64, 1/128 with both. Options that do not save bytes over
-an earlier one are dropped, so a smaller budget never yields a plan with more bytes. The first option whose
-predicted peak fits the budget wins.
+Quality first, then speed. At each level, every recompute choice is tried (MLP and attention kept or recomputed,
+the chunked loss for causal LMs, and the fewest whole layers checkpointed that make it fit, by bisection); the
+level is taken when any fits, and among those that fit the one with the least recomputed FLOPs wins
+(`recompute_overhead`). So no layer is compressed finer than 1/8 while checkpointing every layer still fits at
+1/8; finer levels come with a note of their expected quality cost. A smaller budget never yields more bytes.
 
-Defaults when not given: batch_size 8, seq_len min(2048, the model's max_position_embeddings).
-`wrap` never turns on gradient checkpointing or chunked cross-entropy itself: the plan says so in its notes
-(`model.gradient_checkpointing_enable()`; a chunked loss in the training loop).
+Defaults when not given: batch_size 8, seq_len min(2048, the model's max_position_embeddings). The plan never
+asks the user to do anything: `wrap` installs every measure it names (memwrap.compress.blocks and .loss).
 """
 
 from __future__ import annotations
@@ -83,84 +83,196 @@ def layers_at(targets: list[Target], fraction: float, dtype_bytes: int) -> tuple
     return tuple(out)
 
 
-def options() -> list[tuple[float, bool, bool]]:
-    """(level, gradient_checkpointing, chunked_cross_entropy) in order of preference."""
-    first = LEVELS[:5]
-    out = [(lv, False, False) for lv in first] + [(lv, False, True) for lv in first]
-    out += [(lv, True, False) for lv in first] + [(lv, True, True) for lv in LEVELS]
-    return out
+QUALITY_FLOOR = 1 / 8  # finer only when even checkpointing every layer does not fit at this compression
+HARD_FLOOR = 1 / 32  # finer only when nothing else fits; the notes then state the expected quality cost
+LOSS_CHUNK_TOKENS = 1024  # most rows of the chunked cross-entropy the planner applies to causal LMs
+LOSS_CHUNK_BYTES = 256 << 20  # ... and fewer where a chunk's logits (fp32, softmax, gradient) would pass this
+# expected held-out loss vs AdamW at 600 steps by compression (DESIGN.md §2, §5; subspace AdamW, τ ≥ 100)
+QUALITY_COST = {1 / 2: 0.0, 1 / 4: 0.0, 1 / 8: 0.005, 1 / 16: 0.05, 1 / 32: 0.10, 1 / 64: 0.14, 1 / 128: 0.2}
+RECOMPUTE_CHOICES = (  # in no order: the planner takes, per compression, the fastest that fits
+    {"mlp": "act", "attention": "keep"},
+    {"mlp": "recompute", "attention": "keep"},
+    {"mlp": "act", "attention": "recompute"},
+    {"mlp": "recompute", "attention": "recompute"},
+)
+
+
+def step_flops(shape: ModelShape, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of each region: attention (projections and scores), MLP, one layer, the head."""
+    s = shape
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    attention = 2 * s.hidden * (2 * q + 2 * kv) + 4 * seq_len * q / 2  # q, k, v, o projections; causal scores
+    dense_mlp = 6 * s.hidden * s.intermediate
+    moe_mlp = 6 * s.hidden * s.moe_intermediate * max(s.top_k, 1) + 2 * s.hidden * s.num_experts \
+        + 6 * s.hidden * s.shared_intermediate
+    moe = s.moe_layers
+    mlp = ((s.layers - moe) * dense_mlp + moe * moe_mlp) / max(s.layers, 1)
+    return {"attention": attention, "mlp": mlp, "layer": attention + mlp, "head": 2 * s.hidden * s.vocab}
+
+
+def recompute_overhead(shape: ModelShape, savings: dict, seq_len: int) -> float:
+    """Predicted step time over plain training (fraction): the FLOPs recomputed in backward over forward + backward
+    (3 × forward). Element-wise recomputation (norms, act(gate)·up) is counted as free."""
+    f = step_flops(shape, seq_len)
+    which = savings.get("checkpoint_layers") or ()
+    k = shape.layers if which == "all" else len(which)
+    extra = k * f["layer"] + (shape.layers - k) * ((f["mlp"] if savings.get("mlp") == "recompute" else 0)
+                                                    + (f["attention"] if savings.get("attention") == "recompute" else 0))
+    if savings.get("loss_chunk"):
+        extra += f["head"]
+    return extra / (3 * (shape.layers * f["layer"] + f["head"]))
 
 
 @dataclass(frozen=True)
 class Choice:
     layers: tuple[LayerPlan, ...]
     level: float
-    gradient_checkpointing: bool
-    chunked_cross_entropy: bool
+    savings: dict  # norms, mlp, attention, checkpoint_layers, loss_chunk: what wrap applies
     estimate: Estimate
+    overhead: float  # predicted step time over plain training
+    optimizer: str = PLAN_OPTIMIZER  # whose state bytes the plan counted: "adamw" (subspace) or "projfactor"
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.savings.get("checkpoint_layers") == "all"
+
+    @property
+    def chunked_cross_entropy(self) -> bool:
+        return bool(self.savings.get("loss_chunk"))
 
 
-def _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, ckpt, chunk) -> Estimate:
+def _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer=PLAN_OPTIMIZER):
     return estimate(shape, weights, layers, batch_size=batch, seq_len=seq, dtype_bytes=dtype_bytes,
-                    param_bytes=param_bytes, optimizer=PLAN_OPTIMIZER, gradient_checkpointing=ckpt,
-                    chunked_cross_entropy=chunk)
+                    param_bytes=param_bytes, optimizer=optimizer, savings=savings)
 
 
-def chain(shape: ModelShape, weights: list[Weight], targets: list[Target], batch: int, seq: int, dtype_bytes: int,
-          param_bytes: int) -> list[Choice]:
-    """The options in preference order, keeping only those that need strictly fewer bytes than every earlier one."""
-    kept: list[Choice] = []
-    for level, ckpt, chunk in options():
-        layers = layers_at(targets, level, dtype_bytes)
-        est = _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, ckpt, chunk)
-        if not kept or est.peak_bytes < kept[-1].estimate.peak_bytes:
-            kept.append(Choice(layers, level, ckpt, chunk, est))
-    return kept
+def _with_layers(savings: dict, k: int, n_layers: int) -> dict:
+    """`savings` with the first k layers checkpointed (every layer: the MLP and attention choices no longer apply)."""
+    if k >= n_layers:
+        return dict(savings, checkpoint_layers="all", mlp="act", attention="keep")
+    return dict(savings, checkpoint_layers=tuple(range(k)))
+
+
+def loss_chunk_rows(shape: ModelShape, dtype_bytes: int) -> int:
+    """Rows per chunk of the loss: LOSS_CHUNK_TOKENS, or a power of two below it that keeps a chunk's logits, their
+    softmax and gradient within LOSS_CHUNK_BYTES (at least 16)."""
+    per_row = shape.vocab * (8 + dtype_bytes)
+    rows = LOSS_CHUNK_TOKENS
+    while rows > 16 and rows * per_row > LOSS_CHUNK_BYTES:
+        rows //= 2
+    return rows
+
+
+def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, param_bytes, fixed=None,
+            optimizer=PLAN_OPTIMIZER) -> Choice | None:
+    """At one compression: the fastest recompute choice that fits (fewest checkpointed layers, by bisection)."""
+    causal = shape.family == "decoder"
+    chunk_rows = loss_chunk_rows(shape, dtype_bytes)
+    if fixed is not None:
+        bases = [dict(fixed)]
+    else:
+        bases = [dict(norms="recompute", checkpoint_layers=(), loss_chunk=chunk, **rc)
+                 for rc in RECOMPUTE_CHOICES for chunk in ((0, chunk_rows) if causal else (0,))]
+    L = shape.layers
+    best = None
+    for base in bases:
+        def peak(k, base=base):
+            return _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes,
+                             _with_layers(base, k, L), optimizer).peak_bytes
+
+        if fixed is not None:
+            ks = [0]
+        elif peak(L) > budget_bytes:
+            continue
+        else:
+            lo, hi = 0, L  # the fewest checkpointed layers that fit
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if peak(mid) <= budget_bytes:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            ks = [lo]
+        for k in ks:
+            savings = base if fixed is not None else _with_layers(base, k, L)
+            est = _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer)
+            if est.peak_bytes > budget_bytes:
+                continue
+            choice = Choice(layers, 0.0, savings, est, recompute_overhead(shape, savings, seq), optimizer)
+            key = (round(choice.overhead, 6), est.peak_bytes)  # equal time (to rounding): the fewer bytes
+            if best is None or key < (round(best.overhead, 6), best.estimate.peak_bytes):
+                best = choice
+    return best
 
 
 def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, budget_bytes: int, batch_size: int,
-           seq_len: int, dtype_bytes: int, param_bytes: int) -> Choice:
-    """The most preferred option that fits; BudgetTooSmallError naming the smallest budget and largest batch."""
-    options_ = chain(shape, weights, targets, batch_size, seq_len, dtype_bytes, param_bytes)
-    for opt in options_:
-        if opt.estimate.peak_bytes <= budget_bytes:
-            return opt
-    need = options_[-1].estimate.peak_bytes
-    cheapest = options_[-1]
+           seq_len: int, dtype_bytes: int, param_bytes: int, fixed: dict | None = None) -> Choice:
+    """Quality first, then speed: the least compression at which some recompute choice fits, and at it the fastest
+    choice; BudgetTooSmallError naming the smallest budget and the largest batch that fit."""
+    for level in LEVELS:
+        layers = layers_at(targets, level, dtype_bytes)
+        # ProjFactor (30% fewer state bytes, ~4-5% loss) only where it keeps the plan from going finer than the floor
+        for optimizer in (PLAN_OPTIMIZER, "projfactor") if level == QUALITY_FLOOR else (PLAN_OPTIMIZER,):
+            got = best_at(shape, weights, layers, budget_bytes=budget_bytes, batch=batch_size, seq=seq_len,
+                          dtype_bytes=dtype_bytes, param_bytes=param_bytes, fixed=fixed, optimizer=optimizer)
+            if got is not None:
+                return replace(got, level=level)
+    cheapest_layers = layers_at(targets, LEVELS[-1], dtype_bytes)
+    chunk_rows = loss_chunk_rows(shape, dtype_bytes) if shape.family == "decoder" else 0
+    cheapest = fixed if fixed is not None else dict(norms="recompute", mlp="act", attention="keep",
+                                                      checkpoint_layers="all", loss_chunk=chunk_rows)
 
-    def fits(b: int) -> bool:
-        return _estimate(shape, weights, cheapest.layers, b, seq_len, dtype_bytes, param_bytes, True,
-                         True).peak_bytes <= budget_bytes
+    def need(b: int) -> int:
+        return _estimate(shape, weights, cheapest_layers, b, seq_len, dtype_bytes, param_bytes, cheapest).peak_bytes
 
+    least = need(batch_size)
     max_batch = 0
     lo, hi = 1, batch_size - 1
     while lo <= hi:  # the peak grows with the batch: bisect
         mid = (lo + hi) // 2
-        if fits(mid):
+        if need(mid) <= budget_bytes:
             max_batch, lo = mid, mid + 1
         else:
             hi = mid - 1
     where = (f"fits at batch {max_batch}" if max_batch else
              f"does not fit even at batch 1 with seq_len {seq_len}; use a shorter sequence or a larger device")
     raise BudgetTooSmallError(
-        f"nothing fits a budget of {_fmt_bytes(budget_bytes)}: needs at least {_fmt_bytes(need)} at batch "
-        f"{batch_size} × seq_len {seq_len} (with the smallest rank, gradient checkpointing and chunked "
-        f"cross-entropy); {where}.", min_budget_bytes=int(need), max_batch_size=max_batch)
+        f"nothing fits a budget of {_fmt_bytes(budget_bytes)}: needs at least {_fmt_bytes(least)} at batch "
+        f"{batch_size} × seq_len {seq_len} (with the smallest rank, every layer checkpointed and the chunked "
+        f"loss); {where}.", min_budget_bytes=int(least), max_batch_size=max_batch)
 
 
 def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tuple[str, ...]:
+    """What the plan chose and why, for the user to read; nothing here asks the user to act."""
+    sv = choice.savings
     notes = [f"budget from {source}",
              f"compression c·r/m = 1/{round(1 / choice.level)}: mean relative gradient variance "
              f"{relative_variance(choice.layers):.1f} (0 is exact)"]
+    if choice.level < QUALITY_FLOOR:
+        cost = QUALITY_COST.get(choice.level, 0.2)
+        notes.append(f"finer than 1/{round(1 / QUALITY_FLOOR)} because even checkpointing every layer does not fit at "
+                     f"1/{round(1 / QUALITY_FLOOR)}: expect held-out loss about {cost:.0%} above AdamW's at 600 steps"
+                     + (" (finer than 1/32: nothing else fits)" if choice.level < HARD_FLOOR else ""))
+    applied = []
+    if sv.get("norms") == "recompute":
+        applied.append("norms keep only their input")
+    applied.append({"act": "act(gate)·up recomputed", "recompute": "MLPs recomputed",
+                    "keep": "MLPs keep their activations"}[sv.get("mlp", "act")])
+    if sv.get("attention") == "recompute":
+        applied.append("attention recomputed")
+    which = sv.get("checkpoint_layers") or ()
+    if which:
+        applied.append("every layer checkpointed" if which == "all" else f"{len(which)} layers checkpointed")
+    if sv.get("loss_chunk"):
+        applied.append(f"chunked cross-entropy ({sv['loss_chunk']} tokens at a time)")
+    if choice.optimizer == "projfactor":
+        notes.append("optimizer states counted for ProjFactor (memwrap.optimizer(model) builds it): 30% fewer bytes "
+                     "than subspace AdamW, which does not fit at this compression; about 4-5% higher loss at 600 steps")
+    notes.append("wrap applies: " + ", ".join(applied) + f"; predicted step time +{choice.overhead:.0%} over plain "
+                 "training (recomputed FLOPs)")
     if shape is not None and not shape.exact_formulas:
         notes.append(f"activation bytes of {shape.model_type!r} are approximated with the Llama-like formulas "
                      "(tested: llama, mistral, qwen2/3, qwen2/3-moe, mixtral, bert)")
-    if choice.gradient_checkpointing:
-        notes.append("needs gradient checkpointing to fit: call model.gradient_checkpointing_enable() "
-                     "(wrap does not turn it on)")
-    if choice.chunked_cross_entropy:
-        notes.append("needs chunked cross-entropy to fit: compute the loss over sequence chunks of 1024 tokens "
-                     "(wrap does not change the loss)")
     return tuple(notes)
 
 
@@ -193,9 +305,13 @@ def default_seq_len(config) -> int:
 def _finish(base: Plan, choice: Choice, budget_bytes: int, batch: int, seq: int, dtype: str, source: str,
             shape: ModelShape | None = None) -> Plan:
     memory = tuple(choice.estimate.parts) + (("peak", choice.estimate.peak_bytes),)
+    sv = choice.savings
     return replace(base, layers=choice.layers, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq, dtype=dtype,
                    gradient_checkpointing=choice.gradient_checkpointing,
                    chunked_cross_entropy=choice.chunked_cross_entropy, memory=memory,
+                   norms=sv["norms"], mlp=sv["mlp"], attention=sv["attention"],
+                   checkpoint_layers=sv["checkpoint_layers"], loss_chunk=sv["loss_chunk"],
+                   step_time_overhead=round(choice.overhead, 4), optimizer=choice.optimizer,
                    notes=_notes(choice, source, shape))
 
 
@@ -228,7 +344,8 @@ def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batc
     targets = [Target(c.name, c.kind, c.in_features, c.out_features, c.num_experts, c.group_key) for c in candidates]
     param_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), dtype_bytes)
     choice = choose(shape, weights, targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
-                    dtype_bytes=dtype_bytes, param_bytes=param_bytes)
+                    dtype_bytes=dtype_bytes, param_bytes=param_bytes,
+                    fixed=config.savings if config.savings_changed() else None)
     return _finish(base, choice, budget_bytes, batch, seq, _DTYPE_NAMES.get(dtype_bytes, f"{dtype_bytes}-byte"), source,
                    shape)
 
@@ -292,20 +409,23 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     batch = batch_size or DEFAULT_BATCH_SIZE
     seq = seq_len or sk.max_positions
     choice = choose(sk.shape, sk.weights, sk.targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
-                    dtype_bytes=dtype_bytes, param_bytes=dtype_bytes)
+                    dtype_bytes=dtype_bytes, param_bytes=dtype_bytes,
+                    fixed=config.savings if config.savings_changed() else None)
     planned = {t.name for t in sk.targets}
     skipped = sk.skipped + tuple((w.name, "fused experts left exact (compress_experts=False)") for w in sk.weights
                                  if w.kind == "experts" and w.name not in planned)
     base = Plan(layers=(), projection=config.projection, refresh_every=config.refresh_every, seed=config.seed,
                 share_inputs=config.share_inputs, stochastic_rounding=config.stochastic_rounding, skipped=skipped,
                 norms=config.norms, mlp=config.mlp, attention=config.attention, checkpoint_layers=config.checkpoint_layers,
+                loss_chunk=config.loss_chunk,
                 model_class=sk.model_class)
     return _finish(base, choice, budget_bytes, batch, seq, dtype.lower(), source, sk.shape)
 
 
 def baselines(sk: ModelSketch, *, batch_size: int, seq_len: int, dtype_bytes: int) -> dict[str, Estimate]:
     """Plain AdamW and AdamW + gradient checkpointing (every weight exact), for comparison tables."""
-    return {
-        "AdamW": _estimate(sk.shape, sk.weights, None, batch_size, seq_len, dtype_bytes, dtype_bytes, False, False),
-        "AdamW+ckpt": _estimate(sk.shape, sk.weights, None, batch_size, seq_len, dtype_bytes, dtype_bytes, True, False),
-    }
+    def adamw(ckpt: bool) -> Estimate:
+        return estimate(sk.shape, sk.weights, None, batch_size=batch_size, seq_len=seq_len, dtype_bytes=dtype_bytes,
+                        param_bytes=dtype_bytes, optimizer="adamw", gradient_checkpointing=ckpt)
+
+    return {"AdamW": adamw(False), "AdamW+ckpt": adamw(True)}

@@ -1,0 +1,171 @@
+"""Chunked linear cross-entropy for causal-LM heads: the N × V logits never live at once.
+
+transformers computes `logits = lm_head(hidden)` for every token, upcasts them to fp32 and takes the cross-entropy,
+so a step keeps N × V × (2 + 4) bytes (plus their gradient at the start of backward). With the chunked loss the
+model's own forward runs unchanged except that, when it is called with `labels` while autograd records, its
+`lm_head` hands the hidden states through and its loss function computes
+
+    loss = Σ_chunks CE(lm_head(hidden[chunk]).float(), shifted labels[chunk]) / (non-ignored count or num_items_in_batch)
+
+chunk by chunk, recomputing each chunk's logits in backward. Label shifting, ignore_index, `shift_labels` and
+`num_items_in_batch` follow transformers' `ForCausalLMLoss`; the loss and every gradient equal the plain model's
+(fp32: to rounding). The output's `logits` is None in those calls; without labels (or under no_grad) the model
+returns its logits as usual. Installed per instance (`forward` of the model, checked at wrap time against the
+model's own loss on a random batch); `remove` restores it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSS_ATTR = "_memwrap_chunked_loss"  # on a model with the chunked loss: the chunk size in rows
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Σ over rows of CE(x Wᵀ + b, t) / divisor, `chunk` rows at a time; saves x (N, H) and the targets only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, divisor, chunk, ignore_index):
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for s in range(0, x.shape[0], chunk):
+            logits = F.linear(x[s:s + chunk], weight, bias).float()  # (C, V) as the model computes them
+            total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=ignore_index, reduction="sum")
+        ctx.save_for_backward(x, weight, bias, targets, divisor)
+        ctx.chunk, ctx.ignore_index = chunk, ignore_index
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, targets, divisor = ctx.saved_tensors
+        scale = (grad / divisor).float()
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if bias is not None and ctx.needs_input_grad[2] else None
+        for s in range(0, x.shape[0], ctx.chunk):
+            xs, ts = x[s:s + ctx.chunk], targets[s:s + ctx.chunk]
+            logits = F.linear(xs, weight, bias).float()
+            probs = torch.softmax(logits, dim=-1)  # d CE / d logits = softmax − onehot, 0 for ignored rows
+            valid = ts != ctx.ignore_index
+            probs[valid, ts[valid]] -= 1.0
+            probs[~valid] = 0.0
+            g = (probs * scale).to(x.dtype)  # the fp32 upcast's backward casts back to the logits' dtype
+            if dx is not None:
+                dx[s:s + ctx.chunk] = g @ weight.to(g.dtype)
+            if dw is not None:
+                dw += g.float().T @ xs.float()
+            if db is not None:
+                db += g.float().sum(0)
+        return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
+                None, None, None, None)
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, *, chunk: int,
+                                 num_items_in_batch=None, ignore_index: int = -100,
+                                 shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' ForCausalLMLoss(head(hidden), labels, ...) without materialising the logits."""
+    if shift_labels is None:
+        labels = F.pad(labels, (0, 1), value=ignore_index)
+        shift_labels = labels[..., 1:].contiguous()
+    x = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    targets = shift_labels.reshape(-1).to(x.device)
+    if num_items_in_batch is None:
+        divisor = (targets != ignore_index).sum().float()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=x.device).float()
+    return _ChunkedLinearCE.apply(x, head.weight, head.bias, targets, divisor, chunk, ignore_index)
+
+
+class _PassThrough:
+    """lm_head's forward for one call: returns the hidden states themselves (the loss applies the head)."""
+
+    def __call__(self, hidden_states):
+        return hidden_states
+
+
+class ChunkedLossForward:
+    """The model's `forward` with the chunked loss (picklable: it holds the model and the chunk size)."""
+
+    def __init__(self, model: nn.Module, chunk: int):
+        self.model, self.chunk = model, chunk
+
+    def __call__(self, *args, **kwargs):
+        m = self.model
+        own = type(m).forward.__get__(m)
+        if kwargs.get("labels") is None or not torch.is_grad_enabled():
+            return own(*args, **kwargs)
+        head = m.get_output_embeddings()
+        chunk = self.chunk
+
+        def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
+                          shift_labels=None, **_):
+            return chunked_linear_cross_entropy(logits, head, labels, chunk=chunk, num_items_in_batch=num_items_in_batch,
+                                                ignore_index=ignore_index, shift_labels=shift_labels)
+
+        had_loss = "_loss_function" in m.__dict__
+        previous_loss = m.__dict__.get("_loss_function")
+        head.forward = _PassThrough()
+        m._loss_function = loss_function
+        try:
+            out = own(*args, **kwargs)
+        finally:
+            del head.forward
+            if had_loss:
+                m._loss_function = previous_loss
+            else:
+                del m._loss_function
+        if hasattr(out, "logits"):
+            out.logits = None  # they were never computed: the hidden states went to the loss
+        return out
+
+
+def can_chunk(model: nn.Module) -> bool:
+    """A causal LM whose loss is transformers' ForCausalLM and whose head is a plain linear layer."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return isinstance(head, nn.Linear) and type(head) is nn.Linear and hasattr(type(model), "loss_function") \
+        and getattr(getattr(model, "config", None), "is_encoder_decoder", False) is False \
+        and type(model).__name__.endswith("ForCausalLM")
+
+
+def _same_loss(model: nn.Module, forward: ChunkedLossForward) -> bool:
+    """The chunked loss equals the model's own on a random batch (catches heads that scale or cap logits)."""
+    param = next(model.parameters())
+    if param.device.type == "meta":
+        return True
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 8), generator=g).to(param.device)
+    was_training = model.training
+    model.eval()  # no dropout: both losses see the same forward
+    try:
+        with torch.enable_grad():
+            own = type(model).forward(model, input_ids=ids, labels=ids).loss
+            chunked = forward(input_ids=ids, labels=ids).loss
+    except (TypeError, RuntimeError, ValueError, AttributeError):
+        return False
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(own.float(), chunked.float(), rtol=1e-4, atol=0))
+
+
+def install(model: nn.Module, chunk: int | None) -> bool:
+    """Put the chunked loss on a causal LM (checked first); False when the model is not one it can serve."""
+    if not chunk or not can_chunk(model) or LOSS_ATTR in model.__dict__:
+        return False
+    forward = ChunkedLossForward(model, int(chunk))
+    if not _same_loss(model, forward):
+        return False
+    model.forward = forward
+    object.__setattr__(model, LOSS_ATTR, int(chunk))
+    return True
+
+
+def remove(model: nn.Module) -> bool:
+    if LOSS_ATTR not in model.__dict__:
+        return False
+    if isinstance(model.__dict__.get("forward"), ChunkedLossForward):
+        del model.forward
+    object.__delattr__(model, LOSS_ATTR)
+    return True
