@@ -36,9 +36,20 @@ def _as_tuple(value, what: str):
     return items
 
 
-def _activation_dtype_bytes(model: nn.Module) -> int:
+def _activation_dtype_bytes(model: nn.Module, activation_dtype=None) -> int:
+    """Bytes per activation element of the run: the given dtype, else autocast's where wrap is called under
+    autocast, else the parameters' dtype."""
+    if activation_dtype is not None:
+        if isinstance(activation_dtype, torch.dtype):
+            return activation_dtype.itemsize
+        from .planning.estimate import dtype_from_name
+
+        return dtype_from_name(str(activation_dtype))[1]
     for p in model.parameters():
         if p.is_floating_point():
+            dev = p.device.type
+            if torch.is_autocast_enabled(dev):
+                return torch.get_autocast_dtype(dev).itemsize
             return p.element_size()
     return 4
 
@@ -64,13 +75,16 @@ def wrap(
     attention: str = "keep",
     checkpoint_layers=(),
     loss_chunk: int = 0,
+    activation_dtype=None,
 ) -> Plan:
     """Compress the model's linear (and MoE expert) layers in place and return the Plan that was applied.
 
     rank/granularity set r and c for every layer; left out, the planner picks them from the memory budget:
     budget_gb, else free GPU memory via NVML, else torch.cuda.mem_get_info, else free RAM (psutil) on a CPU,
     for batch_size (default 8) × seq_len (default min(2048, the model's max positions)). plan= reapplies a saved
-    plan exactly. The model is left untouched when any check fails.
+    plan exactly. The model is left untouched when any check fails. activation_dtype ("bf16", torch.bfloat16, ...)
+    sizes the activations when training will autocast (default: autocast's dtype if wrap is called under autocast,
+    else the parameters' dtype).
 
     What each block keeps for backward besides linear inputs (every option exact; docs/activations.md):
     norms="recompute" (an RMSNorm keeps only its input) or "keep"; mlp="act" (act(gate)·up recomputed in backward),
@@ -96,7 +110,7 @@ def wrap(
         from .planning import planner
 
         the_plan = planner.plan_for_model(model, config, budget_gb=budget_gb, batch_size=batch_size, seq_len=seq_len,
-                                          dtype_bytes=_activation_dtype_bytes(model))
+                                          dtype_bytes=_activation_dtype_bytes(model, activation_dtype))
     modules = inject.apply_plan(model, the_plan)
     object.__setattr__(model, inject.STATE_ATTR, WrapState(plan=the_plan, config=config, modules=modules))
     return the_plan

@@ -170,3 +170,20 @@ def test_plan_applies_its_recompute_choices_exactly(tmp_path):
     if plan.mlp == "recompute":
         assert "mlp" in parts
     assert bool(plan.loss_chunk) == (chunked.LOSS_ATTR in model.__dict__)
+
+
+@pytest.mark.parametrize("how", ["autocast", "argument"])
+def test_activations_are_sized_in_the_dtype_the_run_computes_in(how):
+    """fp32 weights trained under bf16 autocast: the plan sizes activations at 2 bytes, not 4."""
+    sizes = {}
+    for name in ("fp32", how):
+        model = tiny_llama()
+        if name == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                plan = memwrap.wrap(model, budget_gb=1, batch_size=4, seq_len=64)
+        else:
+            plan = memwrap.wrap(model, budget_gb=1, batch_size=4, seq_len=64,
+                                activation_dtype=None if name == "fp32" else "bf16")
+        sizes[name] = (plan.dtype, dict(plan.memory)["saved activations"])
+    assert sizes["fp32"][0] == "fp32" and sizes[how][0] == "bf16"
+    assert sizes[how][1] < 0.6 * sizes["fp32"][1]

@@ -143,7 +143,8 @@ def test_plan_written_by_0_1_0_loads_and_round_trips():
         raw = json.load(f)
     got = json.loads(plan.to_json())
     assert {k: got[k] for k in raw} == raw  # every field 0.1.0 wrote reads back unchanged
-    assert plan.savings == {"norms": "recompute", "mlp": "act", "attention": "keep", "checkpoint_layers": ()}
+    assert plan.savings == {"norms": "recompute", "mlp": "act", "attention": "keep", "checkpoint_layers": (),
+                            "loss_chunk": 0}
     assert len(plan.layers) == 32 * 7 and plan.budget_bytes == 24 * 10**9
 
 

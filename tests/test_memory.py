@@ -96,3 +96,27 @@ def test_environment_report_names_its_sources(monkeypatch, no_cuda):
     assert info["torch"] == torch.__version__
     assert info["nvml"].startswith("unavailable")
     assert "psutil" in info["budget source"]
+
+
+@pytest.mark.parametrize("visible,local_rank,expected", [
+    (None, None, (0, "0")),
+    (None, "1", (1, "1")),
+    ("2,3", "1", (1, "3")),  # torchrun rank 1 on the second visible GPU: NVML's physical GPU 3
+    ("GPU-aaaa,GPU-bbbb", "0", (0, "GPU-aaaa")),
+])
+def test_budget_is_read_from_the_gpu_this_process_uses(monkeypatch, no_cuda, visible, local_rank, expected):
+    for key, value in (("CUDA_VISIBLE_DEVICES", visible), ("LOCAL_RANK", local_rank)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    assert memory.device_in_use() == expected
+    asked = []
+    fake = fake_pynvml(7_000_000_000, 8_000_000_000, count=4)
+    fake.nvmlDeviceGetHandleByIndex = lambda i: asked.append(("index", i)) or ("handle", i)
+    fake.nvmlDeviceGetHandleByUUID = lambda u: asked.append(("uuid", u)) or ("handle", u)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    got = memory.probe()
+    name = expected[1]
+    assert asked == [("index", int(name)) if name.isdigit() else ("uuid", name)]
+    assert got.source == "nvml" and got.device == f"cuda:{expected[0]}" and got.free_bytes == 7_000_000_000

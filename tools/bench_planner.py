@@ -29,10 +29,23 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.1f}"
 
 
-def bundled_table(batch: int, seq: int, dtype: str, budgets=(24, 40, 80)) -> str:
+def recompute_label(p) -> str:
+    which = p.checkpoint_layers
+    n = len(p.layers) and max(int(lp.name.split(".")[2]) for lp in p.layers if lp.name.startswith("model.layers.")) + 1
+    parts = []
+    if which:
+        parts.append("ckpt all" if which == "all" else f"ckpt {len(which)}/{n}")
+    if p.mlp == "recompute":
+        parts.append("mlp")
+    if p.attention == "recompute":
+        parts.append("attn")
+    return "+".join(parts) or "none"
+
+
+def bundled_table(batch: int, seq: int, dtype: str, budgets=(16, 24, 40, 80)) -> str:
     _, a = est.dtype_from_name(dtype)
     head = (f"{'model':<20}{'experts':<10}{'budget':>7}{'AdamW':>9}{'+ckpt':>9}{'memwrap':>9}"
-            f"{'c·r/m':>8}{'ckpt':>6}{'chunkCE':>8}  note")
+            f"{'c·r/m':>8}{'optim':>11}{'recompute':>15}{'loss chunk':>11}{'time':>7}  note")
     lines = [f"bundled configs, batch {batch} × seq_len {seq}, {dtype}; peaks in GB", head, "-" * len(head)]
     for name in est.bundled_names():
         sk0 = planner.sketch(name, compress_experts=False)
@@ -48,10 +61,11 @@ def bundled_table(batch: int, seq: int, dtype: str, budgets=(24, 40, 80)) -> str
                                      compress_experts=bool(experts))
                     lp = p.layers[0]
                     row += (f"{gb(dict(p.memory)['peak']):>9}{f'1/{round(lp.in_features / (lp.c * lp.r))}':>8}"
-                            f"{'on' if p.gradient_checkpointing else 'off':>6}{'on' if p.chunked_cross_entropy else 'off':>8}")
+                            f"{p.optimizer or '-':>11}{recompute_label(p):>15}{p.loss_chunk or 'off':>11}"
+                            f"{f'+{p.step_time_overhead:.0%}':>7}")
                 except BudgetTooSmallError as e:
                     fit = f"batch {e.max_batch_size} fits" if e.max_batch_size else "no batch fits"
-                    row += f"{'-':>9}{'-':>8}{'-':>6}{'-':>8}  needs {gb(e.min_budget_bytes)} GB; {fit}"
+                    row += f"{'-':>9}{'-':>8}{'-':>11}{'-':>15}{'-':>11}{'-':>7}  needs {gb(e.min_budget_bytes)} GB; {fit}"
                 lines.append(row)
     return "\n".join(lines)
 

@@ -35,6 +35,10 @@ KNOWN_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "
 BUNDLED = {  # short name -> file in memwrap/configs (hand-written config.json of the public model)
     "llama-2-7b": "llama-2-7b.json",
     "meta-llama/llama-2-7b-hf": "llama-2-7b.json",
+    "llama-2-13b": "llama-2-13b.json",
+    "meta-llama/llama-2-13b-hf": "llama-2-13b.json",
+    "llama-2-70b": "llama-2-70b.json",
+    "meta-llama/llama-2-70b-hf": "llama-2-70b.json",
     "qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b.json",
     "qwen/qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b.json",
     "mixtral-8x7b": "mixtral-8x7b.json",

@@ -31,8 +31,32 @@ class MemoryProbe:
         return max(0, self.free_bytes - margin)
 
 
-def probe_nvml(index: int = 0) -> MemoryProbe:
-    """NVML (nvidia-ml-py) free/total of GPU `index`; raises RuntimeError with the reason when unavailable."""
+def device_in_use() -> tuple[int, str]:
+    """(the CUDA index this process computes on, the NVML name of that GPU: a physical index or a UUID).
+
+    torch.cuda.current_device() when CUDA is initialised, else LOCAL_RANK (torchrun), else 0; NVML numbers GPUs
+    physically, so the CUDA index goes through CUDA_VISIBLE_DEVICES.
+    """
+    import os
+
+    index = None
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            index = torch.cuda.current_device()
+    except Exception:  # noqa: BLE001  (a broken CUDA install: fall back to the environment)
+        index = None
+    if index is None:
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        index = int(local_rank) if local_rank.isdigit() else 0
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return index, (visible[index] if index < len(visible) else str(index))
+
+
+def probe_nvml(index: int | str = 0) -> MemoryProbe:
+    """NVML (nvidia-ml-py) free/total of one GPU: a physical index, or a UUID ("GPU-…") as CUDA_VISIBLE_DEVICES
+    may name it; raises RuntimeError with the reason when unavailable."""
     try:
         import pynvml
     except ImportError as e:
@@ -42,9 +66,12 @@ def probe_nvml(index: int = 0) -> MemoryProbe:
     except Exception as e:  # noqa: BLE001  (NVMLError_LibraryNotFound, DriverNotLoaded, ...)
         raise RuntimeError(f"NVML init failed: {e}") from e
     try:
-        if pynvml.nvmlDeviceGetCount() <= index:
-            raise RuntimeError(f"NVML sees no GPU {index}")
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        if str(index).isdigit():
+            if pynvml.nvmlDeviceGetCount() <= int(index):
+                raise RuntimeError(f"NVML sees no GPU {index}")
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(index))
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(str(index))
         info = pynvml.nvmlDeviceGetMemoryInfo(handle)
         name = pynvml.nvmlDeviceGetName(handle)
         name = name.decode() if isinstance(name, bytes) else str(name)
@@ -78,16 +105,18 @@ def probe_psutil() -> MemoryProbe:
     return MemoryProbe("psutil", "cpu", int(vm.available), int(vm.total), "system RAM")
 
 
-def probe(index: int = 0) -> MemoryProbe:
-    """The first source that answers: NVML, torch.cuda, psutil. Reasons for skipped sources are kept."""
+def probe(index: int | None = None) -> MemoryProbe:
+    """The first source that answers for the GPU this process uses (`device_in_use`, or CUDA `index`): NVML,
+    torch.cuda, psutil. Reasons for skipped sources are kept."""
     reasons = []
-    for fn in (probe_nvml, probe_torch_cuda):
+    cuda_index, nvml_name = device_in_use() if index is None else (index, str(index))
+    for fn, arg in ((probe_nvml, nvml_name), (probe_torch_cuda, cuda_index)):
         try:
-            got = fn(index)
+            got = fn(arg)
         except RuntimeError as e:
             reasons.append(f"{fn.__name__.removeprefix('probe_')}: {e}")
             continue
-        return MemoryProbe(got.source, got.device, got.free_bytes, got.total_bytes, got.name, tuple(reasons))
+        return MemoryProbe(got.source, f"cuda:{cuda_index}", got.free_bytes, got.total_bytes, got.name, tuple(reasons))
     got = probe_psutil()
     return MemoryProbe(got.source, got.device, got.free_bytes, got.total_bytes, got.name, tuple(reasons))
 
