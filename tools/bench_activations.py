@@ -78,8 +78,10 @@ def build(family: str, option, dtype):
 
 
 def measure_bytes(family, option, dtype, ids) -> tuple[int, int | None]:
+    plain, _ = build(family, None, dtype)  # the byte model reads the unwrapped weights
+    shape, weights = est.ModelShape.from_config(plain.config), est.enumerate_weights(plain)
+    del plain
     model, plan = build(family, option, dtype)
-    shape, weights = est.ModelShape.from_config(model.config), est.enumerate_weights(model)
     with LiveActivationMeter(model) as meter:
         loss = model(input_ids=ids, labels=ids).loss
     del loss
