@@ -8,7 +8,7 @@
 Importing memwrap changes nothing outside this package.
 """
 
-from .api import get_plan, optimizer, register_first_moment, sync, unwrap, wrap
+from .api import get_plan, optimizer, register_first_moment, report, sync, unwrap, wrap
 from .config import LayerPlan, Plan, WrapConfig
 from .errors import (
     AlreadyWrappedError,
@@ -33,5 +33,5 @@ __all__ = [
     "MemwrapError", "InvalidSettingsError", "NoTargetsError", "AlreadyWrappedError", "NotWrappedError",
     "UnsupportedArchitectureError", "BudgetTooSmallError", "PlanMismatchError",
     "save", "load", "load_optimizer", "load_plan", "CheckpointError", "plan",
-    "OptimizerBeforeWrapError", "UnmergedUpdateError", "register_first_moment",
+    "OptimizerBeforeWrapError", "UnmergedUpdateError", "register_first_moment", "report",
 ]

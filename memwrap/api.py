@@ -20,6 +20,7 @@ class WrapState:
     plan: Plan
     config: WrapConfig
     modules: list = field(default_factory=list)
+    monitor: object = None  # planning.monitor.Monitor when the plan predicts memory
 
 
 def _as_tuple(value, what: str):
@@ -112,13 +113,21 @@ def wrap(
         the_plan = planner.plan_for_model(model, config, budget_gb=budget_gb, batch_size=batch_size, seq_len=seq_len,
                                           dtype_bytes=_activation_dtype_bytes(model, activation_dtype))
     modules = inject.apply_plan(model, the_plan)
-    object.__setattr__(model, inject.STATE_ATTR, WrapState(plan=the_plan, config=config, modules=modules))
+    monitor = None
+    if the_plan.memory:  # compare with the measurement after the first step
+        from .planning.monitor import Monitor
+
+        monitor = Monitor(model, the_plan)
+    object.__setattr__(model, inject.STATE_ATTR, WrapState(plan=the_plan, config=config, modules=modules,
+                                                           monitor=monitor))
     return the_plan
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Restore the original modules with every update merged; the model is plain PyTorch again."""
-    inject.require_wrapped(model)
+    state = inject.require_wrapped(model)
+    if state.monitor is not None:
+        state.monitor.remove()
     inject.restore_all(model)
     object.__delattr__(model, inject.STATE_ATTR)
     return model
@@ -144,6 +153,14 @@ def register_first_moment(names, keys, module: str = "", carry=None) -> None:
     from .compress import merge
 
     merge.register_first_moment(names, keys, module, carry)
+
+
+def report(model: nn.Module) -> str:
+    """Predicted vs measured memory per part (measured after the first training step; on a GPU its peak)."""
+    from .planning.monitor import report as _report
+
+    state = inject.require_wrapped(model)
+    return _report(model, state.monitor, state.plan)
 
 
 def get_plan(model: nn.Module) -> Plan:

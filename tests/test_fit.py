@@ -187,3 +187,40 @@ def test_activations_are_sized_in_the_dtype_the_run_computes_in(how):
         sizes[name] = (plan.dtype, dict(plan.memory)["saved activations"])
     assert sizes["fp32"][0] == "fp32" and sizes[how][0] == "bf16"
     assert sizes[how][1] < 0.6 * sizes["fp32"][1]
+
+
+def train_steps(model, ids, steps=2):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_first_step_matches_the_prediction_and_report_shows_each_part():
+    import warnings
+
+    from memwrap.planning.monitor import COMPARED
+
+    model = tiny_llama(hidden=128, layers=2, vocab=512, intermediate=256)
+    plan = memwrap.wrap(model, budget_gb=0.05, batch_size=4, seq_len=64)
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as planned: no warning
+        train_steps(model, ids)
+    state = memwrap.get_plan(model) and memwrap.compress.inject.require_wrapped(model)
+    measured, predicted = state.monitor.measured, dict(plan.memory)
+    for part in COMPARED:
+        assert abs(measured[part] - predicted[part]) <= 0.10 * predicted[part], (part, measured[part], predicted[part])
+    table = memwrap.report(model)
+    assert all(part in table for part in COMPARED) and "predicted GB" in table
+    assert not model._forward_pre_hooks  # the check ran once and removed its hooks
+
+
+def test_a_step_far_from_the_plan_warns_once():
+    model = tiny_llama(hidden=128, layers=2, vocab=512, intermediate=256)
+    memwrap.wrap(model, budget_gb=0.05, batch_size=1, seq_len=16)  # planned for 16 tokens, trained on 512
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="measured") as caught:
+        train_steps(model, ids, steps=4)
+    assert sum("predicted" in str(w.message) for w in caught) == 1

@@ -474,7 +474,8 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
     """
     pb = param_bytes or dtype_bytes
     N = batch_size * seq_len
-    weight_bytes = sum(w.numel for w in weights) * pb
+    # the weights, and the (zero, fp32) coords parameters of the compressed ones
+    weight_bytes = sum(w.numel for w in weights) * pb + sum(lp.coords_numel for lp in (layers or ())) * FP32
     grads, states = trainable_bytes(weights, layers, pb, optimizer)
     if layers is not None and (savings or {}).get("loss_chunk"):
         chunked_cross_entropy, ce_chunk_tokens = True, savings["loss_chunk"]

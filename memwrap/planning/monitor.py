@@ -1,0 +1,116 @@
+"""Predicted vs measured memory of a wrapped model, checked once after its first training step.
+
+A plan made from a budget predicts the peak as named parts. After the first training step memwrap measures what
+it can: on a GPU the peak allocated since the first training forward (torch.cuda.max_memory_allocated); on a CPU
+the bytes that live through the step — weights, optimizer states (of the optimizers holding the model's coords) and
+what the first training forward saved for backward — against the same parts of the prediction. Off by more than
+10%: one warning. `memwrap.report(model)` prints both, part by part.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..compress import merge
+from .measure import SavedTensorMeter, optimizer_state_bytes, tensor_bytes
+
+TOLERANCE = 0.10
+COMPARED = ("weights", "optimizer states", "saved activations")  # the parts a CPU run can measure through a step
+
+
+class Monitor:
+    """Attached to a wrapped model whose plan has a predicted peak; its hooks remove themselves after one check."""
+
+    def __init__(self, model: nn.Module, plan):
+        self.plan = plan
+        self.measured: dict[str, int] = {}
+        self.checked = False
+        self._meter: SavedTensorMeter | None = None
+        self._forwards = 0
+        self._cuda = None
+        self._handles = [model.register_forward_pre_hook(self._before_forward),
+                         model.register_forward_hook(self._after_forward)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._meter is not None:  # a forward that raised: leave no hook behind
+            self._meter.__exit__(None, None, None)
+            self._meter = None
+
+    def _training(self, model) -> bool:
+        return model.training and torch.is_grad_enabled()
+
+    def _before_forward(self, model, args):
+        if not self._training(model):
+            return
+        self._forwards += 1
+        if self._forwards == 1:  # the first training forward: measure what it saves
+            device = next(model.parameters()).device
+            if device.type == "cuda":
+                self._cuda = device
+                torch.cuda.reset_peak_memory_stats(device)
+            self._meter = SavedTensorMeter(model).__enter__()
+        elif self._forwards == 2:  # the first step is done
+            self.check(model)
+
+    def _after_forward(self, model, args, output):
+        if self._meter is not None:
+            self._meter.__exit__(None, None, None)
+            self.measured["saved activations"] = self._meter.bytes
+            self._meter = None
+
+    def measure(self, model: nn.Module) -> dict[str, int]:
+        """What lives now: weights (coords included) and the optimizer states of the optimizers holding this model's
+        coords; plus the first training forward's saved bytes and, on a GPU, the peak since then."""
+        coords = {id(u.coords) for u in merge.units_of(model)}
+        params = list(model.parameters())
+        states = sum(optimizer_state_bytes(opt) for opt in list(merge._LINKS)
+                     if any(id(p) in coords for g in opt.param_groups for p in g["params"]))
+        out = dict(self.measured)
+        out["weights"] = tensor_bytes(params)
+        out["optimizer states"] = states
+        if self._cuda is not None:
+            out["peak"] = torch.cuda.max_memory_allocated(self._cuda)
+        return out
+
+    def check(self, model: nn.Module) -> None:
+        """Compare once; warn when the measured total is more than 10% off the prediction."""
+        self.checked = True
+        self.measured = self.measure(model)
+        predicted = dict(self.plan.memory)
+        if "peak" in self.measured:
+            got, want, what = self.measured["peak"], predicted.get("peak", 0), "peak (max_memory_allocated)"
+        else:
+            got = sum(self.measured.get(k, 0) for k in COMPARED)
+            want = sum(predicted.get(k, 0) for k in COMPARED)
+            what = "weights + optimizer states + saved activations"
+        if want and abs(got - want) > TOLERANCE * want:
+            warnings.warn(f"memwrap: after the first step the measured {what} is {got / 1e9:.3f} GB, the plan predicted "
+                          f"{want / 1e9:.3f} GB ({got / want - 1:+.0%}); memwrap.report(model) shows each part. The "
+                          "batch or sequence length may differ from the plan's, or the model from the formulas.",
+                          stacklevel=3)
+        self.remove()
+
+
+def report(model: nn.Module, monitor: Monitor | None, plan) -> str:
+    """Predicted vs measured bytes per part, as a table."""
+    predicted = dict(plan.memory)
+    measured = dict(monitor.measured) if monitor is not None else {}
+    if monitor is not None and not monitor.checked:
+        measured.update(monitor.measure(model))
+    if not predicted:
+        return "this plan has no memory prediction (rank/granularity were given); measured: " + \
+            ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in measured.items())
+    lines = [f"{'part':<22}{'predicted GB':>14}{'measured GB':>14}{'ratio':>8}"]
+    for part, want in predicted.items():
+        got = measured.get(part)
+        ratio = f"{got / want:.2f}" if got is not None and want else "-"
+        lines.append(f"{part:<22}{want / 1e9:>14.3f}{'-' if got is None else f'{got / 1e9:.3f}':>14}{ratio:>8}")
+    if "peak" not in measured:
+        lines.append("(on a CPU the peak is not measured here; measured parts are those that live through a step)")
+    return "\n".join(lines)
