@@ -1,4 +1,4 @@
-"""The public verbs: wrap, unwrap, optimizer."""
+"""The public verbs: wrap, unwrap, optimizer, sync, report, get_plan, register_first_moment."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@
     base         CompressedWeight (lift, merge into W, refresh) and InputGroup (one P, one saved x̃ per input)
     linear       CompressedLinear: nn.Linear / GPT-2 Conv1D that saves x̃ and trains through `coords`
     experts      transformers' fused MoE experts with compressed routed inputs
-    merge        after each optimizer step: W ← W·(1 − lr·wd) + lift(coords), coords ← 0, P refreshed
+    merge        the update path: every update in coords reaches W exactly once (optimizer steps, manual loops)
+    blocks       whole-layer savings: norms, act(gate)·up, MLP / attention / layer recompute (exact)
+    loss         the chunked linear cross-entropy of causal-LM heads
     inject       find what to compress, check it, swap modules in and out
 """
 

@@ -1,4 +1,4 @@
-"""Atomic file writes and checkpoints: `save` a wrapped model (and its optimizer), `load` it back and re-wrap.
+"""Checkpoints: `save` a wrapped model (and its optimizer), `load` it back and re-wrap.
 
 A checkpoint directory holds plain files any tool can read:
 

@@ -264,8 +264,8 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
     if which:
         applied.append("every layer checkpointed" if which == "all" else f"{len(which)} layers checkpointed")
     if sv.get("loss_chunk"):
-        applied.append(f"chunked cross-entropy ({sv['loss_chunk']} tokens at a time; a training call with labels "
-                       "returns the loss and logits=None)")
+        applied.append(f"chunked cross-entropy ({sv['loss_chunk']} tokens at a time; training forwards with labels "
+                       "return the loss and logits=None)")
     if choice.optimizer == "projfactor":
         notes.append("optimizer states counted for ProjFactor (memwrap.optimizer(model) builds it): 30% fewer bytes "
                      "than subspace AdamW, which does not fit at this compression; about 4-5% higher loss at 600 steps")
