@@ -45,7 +45,7 @@ def recompute_label(p) -> str:
 def bundled_table(batch: int, seq: int, dtype: str, budgets=(16, 24, 40, 80)) -> str:
     _, a = est.dtype_from_name(dtype)
     head = (f"{'model':<20}{'experts':<10}{'budget':>7}{'AdamW':>9}{'+ckpt':>9}{'memwrap':>9}"
-            f"{'c·r/m':>8}{'optim':>11}{'recompute':>15}{'loss chunk':>11}{'time':>7}  note")
+            f"{'c·r/m':>8}{'optim':>11}{'recompute':>21}{'loss chunk':>11}{'time':>7}  note")
     lines = [f"bundled configs, batch {batch} × seq_len {seq}, {dtype}; peaks in GB", head, "-" * len(head)]
     for name in est.bundled_names():
         sk0 = planner.sketch(name, compress_experts=False)
@@ -61,11 +61,11 @@ def bundled_table(batch: int, seq: int, dtype: str, budgets=(16, 24, 40, 80)) ->
                                      compress_experts=bool(experts))
                     lp = p.layers[0]
                     row += (f"{gb(dict(p.memory)['peak']):>9}{f'1/{round(lp.in_features / (lp.c * lp.r))}':>8}"
-                            f"{p.optimizer or '-':>11}{recompute_label(p):>15}{p.loss_chunk or 'off':>11}"
+                            f"{p.optimizer or '-':>11}{recompute_label(p):>21}{p.loss_chunk or 'off':>11}"
                             f"{f'+{p.step_time_overhead:.0%}':>7}")
                 except BudgetTooSmallError as e:
                     fit = f"batch {e.max_batch_size} fits" if e.max_batch_size else "no batch fits"
-                    row += f"{'-':>9}{'-':>8}{'-':>11}{'-':>15}{'-':>11}{'-':>7}  needs {gb(e.min_budget_bytes)} GB; {fit}"
+                    row += f"{'-':>9}{'-':>8}{'-':>11}{'-':>21}{'-':>11}{'-':>7}  needs {gb(e.min_budget_bytes)} GB; {fit}"
                 lines.append(row)
     return "\n".join(lines)
 
