@@ -95,6 +95,8 @@ def wrap(
     N × V logits never exist (the output's logits is then None; without labels they are returned as usual).
     """
     inject.require_unwrapped(model)
+    if activation_dtype is not None:
+        _activation_dtype_bytes(model, activation_dtype)  # InvalidSettingsError for an unknown dtype, before anything
     config = WrapConfig(rank=rank, granularity=granularity, projection=projection, refresh_every=refresh_every,
                         seed=seed, targets=_as_tuple(targets, "targets"), exclude=_as_tuple(exclude, "exclude") or (),
                         share_inputs=share_inputs, stochastic_rounding=stochastic_rounding, norms=norms, mlp=mlp,

@@ -151,8 +151,9 @@ def test_options_are_validated_before_anything_changes():
     model = tiny("llama")
     before = [type(m) for m in model.modules()]
     for bad in ({"mlp": "fast"}, {"attention": "int4"}, {"norms": "skip"}, {"checkpoint_layers": [-1]},
-                {"checkpoint_layers": "some"}):
-        with pytest.raises(memwrap.InvalidSettingsError, match="use one of|layer indices"):
+                {"checkpoint_layers": "some"}, {"loss_chunk": -8}, {"loss_chunk": True}, {"loss_chunk": 2.5},
+                {"activation_dtype": "int3"}):
+        with pytest.raises(memwrap.InvalidSettingsError, match="use one of|layer indices|tokens per chunk"):
             memwrap.wrap(model, rank=4, granularity=2, **bad)
         assert [type(m) for m in model.modules()] == before and not blocks.installed(model)
 

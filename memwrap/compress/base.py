@@ -9,6 +9,7 @@ A compressed weight W (n × m, or E experts of n × m) is frozen; its update arr
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 
 import torch
@@ -180,7 +181,7 @@ class CompressedWeight:
         w = local(self.weight)
         lead, n = c.shape[:-3], c.shape[-3]
         step_rows = merge_rows(n, self.in_features)
-        if step_rows >= n:  # one block: the whole weight
+        if step_rows >= n * math.prod(lead):  # one block: the whole weight (every expert of a fused one)
             self.apply_delta(self.lifted(delta_coords), decay, step)
             return
         for idx in itertools.product(*(range(d) for d in lead)):  # each expert of a fused weight, then its rows
