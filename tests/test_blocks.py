@@ -152,8 +152,8 @@ def test_options_are_validated_before_anything_changes():
     before = [type(m) for m in model.modules()]
     for bad in ({"mlp": "fast"}, {"attention": "int4"}, {"norms": "skip"}, {"checkpoint_layers": [-1]},
                 {"checkpoint_layers": "some"}, {"loss_chunk": -8}, {"loss_chunk": True}, {"loss_chunk": 2.5},
-                {"activation_dtype": "int3"}):
-        with pytest.raises(memwrap.InvalidSettingsError, match="use one of|layer indices|tokens per chunk"):
+                {"activation_dtype": "int3"}, {"checkpoint_layers": [2]}):
+        with pytest.raises(memwrap.InvalidSettingsError, match="use one of|layer indices|tokens per chunk|not layers"):
             memwrap.wrap(model, rank=4, granularity=2, **bad)
         assert [type(m) for m in model.modules()] == before and not blocks.installed(model)
 

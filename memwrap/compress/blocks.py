@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InvalidSettingsError
+
 SAVINGS_ATTR = "_memwrap_saving"  # on a module whose forward memwrap replaced: the kind ("norm", "act", ...)
 
 
@@ -153,10 +155,16 @@ def layer_names(model: nn.Module, which) -> list[str]:
         return []
     stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n.endswith(("layers", "layer", ".h"))]
     if not stacks:
-        return []
+        raise InvalidSettingsError(f"checkpoint_layers={which!r}: {type(model).__name__} has no stack of layers memwrap "
+                                   "knows (a ModuleList named layers, layer or h); leave checkpoint_layers empty.")
     stack_name, stack = max(stacks, key=lambda nm: len(nm[1]))
-    indices = range(len(stack)) if which == "all" else which
-    return [f"{stack_name}.{i}" for i in indices if 0 <= i < len(stack)]
+    if which == "all":
+        return [f"{stack_name}.{i}" for i in range(len(stack))]
+    outside = [i for i in which if not 0 <= i < len(stack)]
+    if outside:
+        raise InvalidSettingsError(f"checkpoint_layers {outside} are not layers of {stack_name!r}, which has "
+                                   f"{len(stack)} (0 to {len(stack) - 1}).")
+    return [f"{stack_name}.{i}" for i in which]
 
 
 # ---- install / restore ------------------------------------------------------------------------------------
