@@ -224,3 +224,14 @@ def test_a_step_far_from_the_plan_warns_once():
     with pytest.warns(UserWarning, match="measured") as caught:
         train_steps(model, ids, steps=4)
     assert sum("predicted" in str(w.message) for w in caught) == 1
+
+
+def test_replaced_forwards_keep_the_signature_callers_inspect():
+    """The Trainer keeps dataset columns by the parameters of model.forward: the replacements show the original's."""
+    import inspect
+
+    model, plain = big_vocab_llama(), big_vocab_llama()
+    memwrap.wrap(model, rank=4, granularity=2, loss_chunk=16, mlp="recompute")
+    assert inspect.signature(model.forward) == inspect.signature(plain.forward)
+    layer, plain_layer = model.model.layers[0].mlp, plain.model.layers[0].mlp
+    assert inspect.signature(layer.forward) == inspect.signature(plain_layer.forward)
