@@ -221,9 +221,21 @@ def test_a_step_far_from_the_plan_warns_once():
     model = tiny_llama(hidden=128, layers=2, vocab=512, intermediate=256)
     memwrap.wrap(model, budget_gb=0.05, batch_size=1, seq_len=16)  # planned for 16 tokens, trained on 512
     ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match="measured") as caught:
+    with pytest.warns(UserWarning, match="ran 512 tokens") as caught:
         train_steps(model, ids, steps=4)
-    assert sum("predicted" in str(w.message) for w in caught) == 1
+    assert sum("the plan was made for 16" in str(w.message) for w in caught) == 1
+
+
+def test_a_smaller_batch_than_planned_is_compared_at_its_own_tokens():
+    import warnings
+
+    model = tiny_llama(hidden=128, layers=2, vocab=512, intermediate=256)
+    memwrap.wrap(model, budget_gb=0.05, batch_size=8, seq_len=64)  # planned 512 tokens, trained on 128
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_steps(model, ids)
+    assert memwrap.compress.inject.require_wrapped(model).monitor.tokens == 128
 
 
 def test_replaced_forwards_keep_the_signature_callers_inspect():

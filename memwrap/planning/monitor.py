@@ -1,10 +1,11 @@
 """Predicted vs measured memory of a wrapped model, checked once after its first training step.
 
-A plan made from a budget predicts the peak as named parts. After the first training step memwrap measures what
-it can: on a GPU the peak allocated since the first training forward (torch.cuda.max_memory_allocated); on a CPU
-the bytes that live through the step — weights, optimizer states (of the optimizers holding the model's coords) and
-what the first training forward saved for backward — against the same parts of the prediction. Off by more than
-10%: one warning. `memwrap.report(model)` prints both, part by part.
+A plan made from a budget predicts the peak as named parts, for batch_size × seq_len tokens. After the first training
+step memwrap measures what it can: on a GPU the peak allocated since the first training forward
+(torch.cuda.max_memory_allocated); on a CPU the bytes that live through the step — weights, optimizer states (of the
+optimizers holding the model's coords) and what the first training forward saved for backward — against the same
+parts of the prediction, its activations scaled to the tokens the step really ran. Off by more than 10%, or more
+tokens than planned: one warning. `memwrap.report(model)` prints both, part by part.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Monitor:
         self._meter: SavedTensorMeter | None = None
         self._forwards = 0
         self._cuda = None
-        self._handles = [model.register_forward_pre_hook(self._before_forward),
+        self.tokens: int | None = None  # tokens of the first training forward
+        self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                          model.register_forward_hook(self._after_forward)]
 
     def remove(self) -> None:
@@ -45,11 +47,12 @@ class Monitor:
     def _training(self, model) -> bool:
         return model.training and torch.is_grad_enabled()
 
-    def _before_forward(self, model, args):
+    def _before_forward(self, model, args, kwargs):
         if not self._training(model):
             return
         self._forwards += 1
         if self._forwards == 1:  # the first training forward: measure what it saves
+            self.tokens = _tokens(args, kwargs)
             device = next(model.parameters()).device
             if device.type == "cuda":
                 self._cuda = device
@@ -83,6 +86,16 @@ class Monitor:
         self.checked = True
         self.measured = self.measure(model)
         predicted = dict(self.plan.memory)
+        planned = (self.plan.batch_size or 0) * (self.plan.seq_len or 0)
+        if self.tokens and planned and self.tokens > planned:
+            warnings.warn(f"memwrap: the first training step ran {self.tokens} tokens; the plan was made for {planned} "
+                          f"(batch_size {self.plan.batch_size} × seq_len {self.plan.seq_len}), so its predicted peak "
+                          "does not hold for this run: wrap with batch_size= and seq_len= of the run. "
+                          "memwrap.report(model) shows the measured parts.", stacklevel=3)
+            self.remove()
+            return
+        if self.tokens and planned and "saved activations" in predicted:  # the prediction at the tokens that ran
+            predicted["saved activations"] = predicted["saved activations"] * self.tokens // planned
         if "peak" in self.measured:
             got, want, what = self.measured["peak"], predicted.get("peak", 0), "peak (max_memory_allocated)"
         else:
@@ -114,3 +127,12 @@ def report(model: nn.Module, monitor: Monitor | None, plan) -> str:
     if "peak" not in measured:
         lines.append("(on a CPU the peak is not measured here; measured parts are those that live through a step)")
     return "\n".join(lines)
+
+
+def _tokens(args, kwargs) -> int | None:
+    """Tokens of a forward call: input_ids (or inputs_embeds without its last dimension)."""
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+        return ids.numel()
+    embeds = kwargs.get("inputs_embeds")
+    return embeds.shape[:-1].numel() if isinstance(embeds, torch.Tensor) else None
