@@ -20,6 +20,7 @@ from .measure import SavedTensorMeter, optimizer_state_bytes, tensor_bytes
 
 TOLERANCE = 0.10
 COMPARED = ("weights", "optimizer states", "saved activations")  # the parts a CPU run can measure through a step
+TOKEN_PARTS = ("saved activations", "logits", "largest transient")  # predicted parts that scale with the tokens
 
 
 class Monitor:
@@ -33,6 +34,8 @@ class Monitor:
         self._forwards = 0
         self._cuda = None
         self.tokens: int | None = None  # tokens of the first training forward
+        units = merge.units_of(model)
+        self._unit = units[0] if units else None  # its step counter says when the first optimizer step has merged
         self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                          model.register_forward_hook(self._after_forward)]
 
@@ -58,7 +61,7 @@ class Monitor:
                 self._cuda = device
                 torch.cuda.reset_peak_memory_stats(device)
             self._meter = SavedTensorMeter(model).__enter__()
-        elif self._forwards == 2:  # the first step is done
+        elif self._unit is not None and self._unit.steps > 0:  # the first optimizer step is done (accumulation too)
             self.check(model)
 
     def _after_forward(self, model, args, output):
@@ -66,6 +69,20 @@ class Monitor:
             self._meter.__exit__(None, None, None)
             self.measured["saved activations"] = self._meter.bytes
             self._meter = None
+
+    def predicted_at_run_tokens(self) -> dict[str, int]:
+        """The plan's parts, its saved activations scaled from the planned tokens to those of the first step."""
+        predicted = dict(self.plan.memory)
+        planned = (self.plan.batch_size or 0) * (self.plan.seq_len or 0)
+        if not (self.tokens and planned):
+            return predicted
+        for part in TOKEN_PARTS:  # these grow with the tokens; the peak moves by what they move
+            if part in predicted:
+                scaled = predicted[part] * self.tokens // planned
+                if "peak" in predicted:
+                    predicted["peak"] += scaled - predicted[part]
+                predicted[part] = scaled
+        return predicted
 
     def measure(self, model: nn.Module) -> dict[str, int]:
         """What lives now: weights (coords included) and the optimizer states of the optimizers holding this model's
@@ -85,7 +102,6 @@ class Monitor:
         """Compare once; warn when the measured total is more than 10% off the prediction."""
         self.checked = True
         self.measured = self.measure(model)
-        predicted = dict(self.plan.memory)
         planned = (self.plan.batch_size or 0) * (self.plan.seq_len or 0)
         if self.tokens and planned and self.tokens > planned:
             warnings.warn(f"memwrap: the first training step ran {self.tokens} tokens; the plan was made for {planned} "
@@ -94,8 +110,7 @@ class Monitor:
                           "memwrap.report(model) shows the measured parts.", stacklevel=3)
             self.remove()
             return
-        if self.tokens and planned and "saved activations" in predicted:  # the prediction at the tokens that ran
-            predicted["saved activations"] = predicted["saved activations"] * self.tokens // planned
+        predicted = self.predicted_at_run_tokens()
         if "peak" in self.measured:
             got, want, what = self.measured["peak"], predicted.get("peak", 0), "peak (max_memory_allocated)"
         else:
@@ -111,8 +126,8 @@ class Monitor:
 
 
 def report(model: nn.Module, monitor: Monitor | None, plan) -> str:
-    """Predicted vs measured bytes per part, as a table."""
-    predicted = dict(plan.memory)
+    """Predicted vs measured bytes per part, as a table (activations predicted at the tokens the run used)."""
+    predicted = monitor.predicted_at_run_tokens() if monitor is not None else dict(plan.memory)
     measured = dict(monitor.measured) if monitor is not None else {}
     if monitor is not None and not monitor.checked:
         measured.update(monitor.measure(model))
