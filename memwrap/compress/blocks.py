@@ -177,7 +177,6 @@ def _check_same_output(module: nn.Module, forward: SavingForward, kind: str) -> 
     """The replacement gives the module's own output, bit for bit, on a random input (norms and MLPs)."""
     if kind == "whole":
         return True  # the module's own forward, recomputed: identical by construction
-    width = getattr(module, "weight", None)
     if kind == "norm":
         width = module.weight.shape[-1]
     else:

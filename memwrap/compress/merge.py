@@ -70,7 +70,7 @@ def _carry_blockwise_8bit(state: dict, keys: tuple[str, ...], t: torch.Tensor) -
         if not isinstance(q, torch.Tensor):
             continue
         if q.dtype != torch.uint8:  # 32-bit bitsandbytes optimizers keep float states
-            _carry_tensor(q, t)
+            carry(q, t)
             continue
         suffix = key[-1]
         absmax, code = state[f"absmax{suffix}"], state[f"qmap{suffix}"]
@@ -109,14 +109,10 @@ def first_moment_of(optimizer) -> FirstMoment | None:
     return None
 
 
-def _carry_tensor(s: torch.Tensor, t: torch.Tensor) -> None:
-    loc = local(s)
-    loc.copy_((loc.float() @ t.to(loc.device)).to(loc.dtype))
-
-
 def carry(state_tensor: torch.Tensor, t: torch.Tensor) -> None:
     """In place: subspace coordinates (…, r) under the old P -> the nearest ones under the new P."""
-    _carry_tensor(state_tensor, t)
+    loc = local(state_tensor)
+    loc.copy_((loc.float() @ t.to(loc.device)).to(loc.dtype))
 
 
 def carry_first_moment(optimizer, p: torch.Tensor, t: torch.Tensor) -> None:
@@ -140,7 +136,7 @@ def carry_first_moment(optimizer, p: torch.Tensor, t: torch.Tensor) -> None:
     for key in entry.keys:
         value = state.get(key)
         if isinstance(value, torch.Tensor) and value.shape == p.shape:
-            _carry_tensor(value, t)
+            carry(value, t)
 
 
 # ---- the registry of live compressed weights ----------------------------------------------------------------
