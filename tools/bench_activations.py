@@ -115,6 +115,27 @@ def time_and_loss(family, steps, ids_list) -> dict[str, tuple[float, float]]:
     return {n: (sum(s) / len(s), losses[-1]) for n, (_, _, s, losses) in runs.items()}
 
 
+def bundled_predictions(dtype: str = "bf16", batch: int = 8, seq: int = 2048, level: float = 1 / 8) -> str:
+    """The byte model at real shapes (nothing loaded): activation bytes of each option vs plain training."""
+    from memwrap.planning import planner
+
+    a = est.dtype_from_name(dtype)[1]
+    rows = {"linears only": {"norms": "keep", "mlp": "keep"}, "default": {},
+            "mlp and attention": {"mlp": "recompute", "attention": "recompute"}, "every layer ckpt": {"checkpoint_layers": "all"}}
+    head = f"{'model':<18}{'plain GB':>10}" + "".join(f"{k:>19}" for k in rows)
+    lines = [f"byte model, {dtype}, batch {batch} × seq_len {seq}, c·r/m = 1/{round(1 / level)}", head, "-" * len(head)]
+    for name in ("llama-2-7b", "qwen3-30b-a3b", "mixtral-8x7b"):
+        sk = planner.sketch(name)
+        layers = planner.layers_at(sk.targets, level, a)
+        plain = sum(est.saved_activations(sk.shape, sk.weights, None, batch, seq, a).values())
+        cells = []
+        for options in rows.values():
+            acts = est.saved_activations(sk.shape, sk.weights, layers, batch, seq, a, savings=options)
+            cells.append(sum(v for k, v in acts.items() if not k.startswith("_")) / plain)
+        lines.append(f"{name:<18}{plain / 1e9:>10.1f}" + "".join(f"{c:>19.3f}" for c in cells))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=["llama", "gpt2", "bert", "qwen3_moe", "mixtral"])
@@ -129,6 +150,7 @@ def main() -> None:
     ids_list = [torch.randint(0, 256, (args.batch_size, args.seq_len), generator=g) for _ in range(3)]
     head = (f"{'family':<10}{'option':<29}{'bf16 bytes':>11}{'ratio':>7}{'pred':>7}{'fp32 ratio':>11}{'pred':>7}"
             f"{'time':>7}{'loss':>10}{'Δloss':>9}")
+    print(bundled_predictions() + "\n")
     print(f"batch {args.batch_size} × seq {args.seq_len}, hidden 256, 2 layers; ratios vs plain AdamW; "
           f"time: mean of {args.steps} fp32 steps, alternating\n")
     print(head)
