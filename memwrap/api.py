@@ -76,6 +76,7 @@ def wrap(
     attention: str = "keep",
     checkpoint_layers=(),
     loss_chunk: int = 0,
+    head: str = "auto",
     activation_dtype=None,
 ) -> Plan:
     """Compress the model's linear (and MoE expert) layers in place and return the Plan that was applied.
@@ -93,6 +94,8 @@ def wrap(
     module keeps only its input); checkpoint_layers: layer indices or "all", recomputed whole in backward;
     loss_chunk: causal LMs compute the cross-entropy this many tokens at a time when called with labels, so the
     N × V logits never exist (the output's logits is then None; without labels they are returned as usual).
+    head: the causal LM's untied lm_head: "auto" (compressed only when the budget planner needs it to stay at a
+    coarser compression), "exact" (never) or "compress" (always, like every other linear).
     """
     inject.require_unwrapped(model)
     if activation_dtype is not None:
@@ -101,12 +104,13 @@ def wrap(
                         seed=seed, targets=_as_tuple(targets, "targets"), exclude=_as_tuple(exclude, "exclude") or (),
                         share_inputs=share_inputs, stochastic_rounding=stochastic_rounding, norms=norms, mlp=mlp,
                         attention=attention, checkpoint_layers=as_layer_indices(checkpoint_layers),
-                        loss_chunk=loss_chunk)
+                        loss_chunk=loss_chunk, head=head)
     config.validate()
     if plan is not None:
-        if rank is not None or granularity is not None or budget_gb is not None or config.savings_changed():
+        if rank is not None or granularity is not None or budget_gb is not None or config.savings_changed() \
+                or head != "auto":
             raise InvalidSettingsError("pass either plan= or rank/granularity/budget_gb/norms/mlp/attention/"
-                                       "checkpoint_layers, not both: a plan fixes every setting.")
+                                       "checkpoint_layers/head, not both: a plan fixes every setting.")
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         inject.check_plan_against_model(model, the_plan)
     else:

@@ -17,6 +17,9 @@ PROJECTIONS = ("stiefel", "gaussian", "rademacher")  # kinds of random projectio
 NORM_OPTIONS = ("keep", "recompute")  # recompute: an RMSNorm keeps only its input
 MLP_OPTIONS = ("keep", "act", "recompute")  # act: act(gate)·up recomputed; recompute: the whole MLP keeps its input
 ATTENTION_OPTIONS = ("keep", "recompute")  # recompute: the attention module keeps only its input
+# the causal-LM output head (an untied lm_head): "auto" compresses it only where the budget needs it (the planner),
+# "exact" never, "compress" always
+HEAD_OPTIONS = ("auto", "exact", "compress")
 SAVING_FIELDS = ("norms", "mlp", "attention", "checkpoint_layers", "loss_chunk")
 
 
@@ -108,6 +111,7 @@ class WrapConfig:
     attention: str = "keep"  # see ATTENTION_OPTIONS
     checkpoint_layers: tuple[int, ...] | str = ()  # layers recomputed whole in backward: indices or "all"
     loss_chunk: int = 0  # causal LMs: cross-entropy over this many tokens at a time, logits never whole (0: off)
+    head: str = "auto"  # see HEAD_OPTIONS
 
     def validate(self) -> None:
         for key in ("rank", "granularity"):
@@ -122,6 +126,8 @@ class WrapConfig:
         if self.projection not in PROJECTIONS:
             raise InvalidSettingsError(f"projection={self.projection!r} is unknown; use one of {', '.join(PROJECTIONS)}.")
         check_savings(self.norms, self.mlp, self.attention, self.checkpoint_layers, self.loss_chunk)
+        if self.head not in HEAD_OPTIONS:
+            raise InvalidSettingsError(f"head={self.head!r} is unknown; use one of {', '.join(map(repr, HEAD_OPTIONS))}.")
 
     @property
     def savings(self) -> dict[str, Any]:

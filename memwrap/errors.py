@@ -50,3 +50,7 @@ class UnmergedUpdateError(MemwrapError, RuntimeError):
 
 class CheckpointError(MemwrapError, ValueError):
     """A checkpoint directory is missing a file or does not match the model it is loaded into."""
+
+
+class BypassedWeightError(MemwrapError, RuntimeError):
+    """Code outside the wrapped layer reads its frozen weight directly, so the layer's update would be lost."""

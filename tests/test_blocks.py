@@ -113,7 +113,8 @@ def test_measured_bytes_meet_the_targets(build_model, default_target):
 
 SAVINGS = {"keep": {"norms": "keep", "mlp": "keep"}, "default": {}, "mlp": {"mlp": "recompute"},
            "attention": {"attention": "recompute"}, "both": {"mlp": "recompute", "attention": "recompute"},
-           "layers": {"checkpoint_layers": "all"}, "layer 1": {"checkpoint_layers": [1]}}
+           "layers": {"checkpoint_layers": "all"}, "layer 1": {"checkpoint_layers": [1]},
+           "head": {"head": "compress"}, "head, chunked loss": {"head": "compress", "loss_chunk": 16}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -190,7 +190,7 @@ def test_activations_are_sized_in_the_dtype_the_run_computes_in(how):
 
 
 def train_steps(model, ids, steps=2):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = memwrap.optimizer(model, lr=1e-3)  # the optimizer the plan counted
     for _ in range(steps):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()

@@ -137,13 +137,14 @@ def test_low_precision_inputs(dtype):
     ref, model = Two(), Two()
     ref.to(dtype)
     model.to(dtype)
-    memwrap.wrap(model, rank=4, granularity=2, exclude=())  # low-precision weights, fp32 coords
+    memwrap.wrap(model, rank=4, granularity=2, exclude=())  # low-precision weights: bf16 coords, fp32 for fp16
     x = torch.randn(6, 32).to(dtype)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     dy = torch.randn(6, 24).to(dtype)
     (ref.proj(x1) * dy).sum().backward()
     (model.proj(x2) * dy).sum().backward()
-    assert x2.grad.dtype == dtype and model.proj.coords.grad.dtype == torch.float32
+    coords_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    assert x2.grad.dtype == dtype and model.proj.coords.grad.dtype == coords_dtype
     torch.testing.assert_close(x2.grad, x1.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(model.proj.bias.grad, ref.proj.bias.grad, rtol=2e-2, atol=2e-2)
 

@@ -21,8 +21,8 @@ from memwrap.demo import RunSpec, llama_config, plot_losses, results_table, trai
 
 
 def specs(lr: float, refresh_every: int, sweep_lrs: tuple[float, ...] = ()) -> list[RunSpec]:
-    def wrap(c, r):
-        return lambda m: memwrap.wrap(m, rank=r, granularity=c, refresh_every=refresh_every)
+    def wrap(c, r, **kw):
+        return lambda m: memwrap.wrap(m, rank=r, granularity=c, refresh_every=refresh_every, **kw)
 
     def mw_opt(**kw):
         return lambda m: memwrap.optimizer(m, lr=lr, **kw)
@@ -34,6 +34,8 @@ def specs(lr: float, refresh_every: int, sweep_lrs: tuple[float, ...] = ()) -> l
         RunSpec("AdamW", lambda m: None, torch_adamw, "exact, full model"),
         RunSpec("ProjFactor c4 r8", wrap(4, 8), mw_opt(), "memwrap.optimizer (default)"),
         RunSpec("subspace AdamW c4 r8", wrap(4, 8), mw_opt(kind="adamw"), "memwrap.optimizer(kind='adamw')"),
+        RunSpec("subspace AdamW c4 r8 head", wrap(4, 8, head="compress"), mw_opt(kind="adamw"),
+                "lm_head compressed too (what a tight plan does)"),
         RunSpec("torch AdamW c4 r8", wrap(4, 8), torch_adamw, "user's torch.optim.AdamW on coords"),
         RunSpec("ProjFactor+EF c4 r8", wrap(4, 8), mw_opt(error_feedback=True), "error_feedback=True"),
     ]

@@ -32,6 +32,34 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def coords_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of a compressed weight's coords (and so of their gradient): bf16 for a bf16 weight, as plain bf16
+    training keeps its gradients; float32 otherwise (an fp16 gradient would need loss scaling to stay finite)."""
+    return torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
+
+
+def is_released(p: torch.Tensor) -> bool:
+    """Whether coords `p` hold no memory of their own: one zero broadcast to their shape (see `release`)."""
+    return p.numel() > 1 and all(s == 0 for s in p.stride())
+
+
+def release(p: torch.Tensor) -> bool:
+    """Drop the storage of coords `p` (always zero between steps when memwrap's optimizer writes W itself): their
+    value becomes one zero broadcast to their shape, so only their gradient takes memory. Only for a plain tensor with
+    a storage of its own (not a DTensor, not a view into an engine's flat buffer); True when released."""
+    if is_released(p) or getattr(p, "placements", None) is not None or p.storage_offset() != 0 \
+            or p.untyped_storage().nbytes() != p.numel() * p.element_size() or bool(torch.count_nonzero(p)):
+        return False
+    p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+    return True
+
+
+def materialize(p: torch.Tensor) -> None:
+    """Give released coords a storage again (an optimizer that writes its update into them is about to step)."""
+    if is_released(p):
+        p.data = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+
+
 class InputGroup:
     """Layers that read the same input tensor (q/k/v, gate/up): one P, one x̃ per forward.
 
@@ -152,6 +180,7 @@ class CompressedWeight:
         self._claim: tuple[int, int, int] | None = None  # (id(optimizer), id(grad), grad._version) last merged
         self._forwards = 0
         self._base: torch.Tensor | None = None  # coords' value at the last merge of an external write (kept, not zeroed)
+        self.is_head = False  # a causal LM's output head: always in use when training on labels
 
     def _reset_after_copy(self) -> None:
         """A deepcopy or an unpickled copy: caches and the merge baseline belong to the original."""

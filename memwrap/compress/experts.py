@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from . import merge
-from .base import CompressedWeight, InputGroup, compute_dtype
+from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype
 from .blocks import SAVINGS_ATTR, recompute
 
 IMPLEMENTATION = "memwrap"
@@ -118,7 +118,8 @@ class ExpertsUnit(CompressedWeight):
                               refresh_every=refresh_every, stochastic_rounding=stochastic_rounding,
                               transposed=bool(module.is_transposed), weight_requires_grad=w.requires_grad)
         self.coords_name = f"{pname}_memwrap_coords"
-        self.new_coords = nn.Parameter(torch.zeros(self.num_experts, out_features, c, r, device=w.device))
+        self.new_coords = nn.Parameter(torch.zeros(self.num_experts, out_features, c, r, device=w.device,
+                                                   dtype=coords_dtype(w)))
 
     def __setstate__(self, state) -> None:  # a deepcopy or an unpickled copy trains and unwraps like the original
         self.__dict__.update(state)

@@ -117,7 +117,30 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter, *,
         else:
             out.append(Candidate(name, module, module.in_features, module.out_features,
                                  adapter.sibling_key(name, module), weight.dtype))
+    if config.head == "compress":  # the output head, even where the default exclude names it
+        head = head_candidate(model, adapter, allow_meta=allow_meta)
+        if head is not None and all(c.module is not head.module for c in out):
+            out.append(head)
+    elif config.head == "exact":
+        out = [c for c in out if c.module is not getattr(model, "get_output_embeddings", lambda: None)()]
     return out, skipped
+
+
+def head_candidate(model: nn.Module, adapter, *, allow_meta: bool = False) -> Candidate | None:
+    """The causal LM's output head as a candidate (wrap's default exclude leaves it out): a plain, trainable,
+    untied nn.Linear; None otherwise (tied to the embeddings, subclassed, quantized, frozen, absent)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear:
+        return None
+    w = head.weight
+    if not w.requires_grad or id(w) in tied_parameter_ids(model) or not w.is_floating_point() \
+            or w.dtype.itemsize < 2 or (w.device.type == "meta" and not allow_meta):
+        return None
+    name = next((n for n, m in model.named_modules() if m is head and n), None)
+    if name is None:
+        return None
+    return Candidate(name, head, head.in_features, head.out_features, adapter.sibling_key(name, head), w.dtype)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -265,6 +288,10 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[CompressedLinear]:
     loss_chunk = savings.pop("loss_chunk")
     blocks.install(model, blocks.find_savings(model, resolve(model), **savings))
     loss.install(model, loss_chunk)
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    for _, m in built:
+        m.is_head = m is head
+    loss.guard_head(model)
     return [m for _, m in built] + [u for us in units.values() for u in us]
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import merge
-from .base import CompressedWeight, InputGroup, compute_dtype
+from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype
 
 
 class _CompressedLinearFn(torch.autograd.Function):
@@ -63,7 +63,7 @@ class CompressedLinear(CompressedWeight, nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         dev = base.weight.device
-        self.coords = nn.Parameter(torch.zeros(out_features, c, r, device=dev, dtype=torch.float32))
+        self.coords = nn.Parameter(torch.zeros(out_features, c, r, device=dev, dtype=coords_dtype(base.weight)))
         object.__setattr__(self, "_memwrap_base", base)  # restored by unwrap; not a submodule
         self._register_state_dict_hook(_drop_coords)
 

@@ -22,30 +22,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import BypassedWeightError
+from .base import compute_dtype
+from .linear import CompressedLinear
+
 LOSS_ATTR = "_memwrap_chunked_loss"  # on a model with the chunked loss: the chunk size in rows
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
-    """Σ over rows of CE(x Wᵀ + b, t) / divisor, `chunk` rows at a time; saves x (N, H) and the targets only."""
+    """Σ over rows of CE(x Wᵀ + b, t) / divisor, `chunk` rows at a time; saves x (N, H) and the targets only.
+
+    A compressed head (memwrap's CompressedLinear) passes its coords and x̃ = compress(x) (N, c, r): its weight
+    gradient then lands in coords as G_s = Σ_chunks dlogitsᵀ x̃ (V, c, r), like every compressed linear's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, divisor, chunk, ignore_index):
+    def forward(ctx, x, weight, bias, targets, divisor, chunk, ignore_index, coords=None, x_tilde=None):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for s in range(0, x.shape[0], chunk):
             logits = F.linear(x[s:s + chunk], weight, bias).float()  # (C, V) as the model computes them
             total += F.cross_entropy(logits, targets[s:s + chunk], ignore_index=ignore_index, reduction="sum")
-        ctx.save_for_backward(x, weight, bias, targets, divisor)
+        ctx.save_for_backward(x, weight, bias, targets, divisor, x_tilde)
         ctx.chunk, ctx.ignore_index = chunk, ignore_index
+        ctx.coords_meta = None if coords is None else (coords.shape, coords.dtype)
         return total / divisor
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, targets, divisor = ctx.saved_tensors
+        x, weight, bias, targets, divisor, x_tilde = ctx.saved_tensors
         scale = (grad / divisor).float()
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
             if bias is not None and ctx.needs_input_grad[2] else None
+        dcoords = None
+        if ctx.coords_meta is not None and ctx.needs_input_grad[7]:
+            dcoords = torch.zeros(weight.shape[0], x_tilde.shape[1] * x_tilde.shape[2], dtype=torch.float32,
+                                  device=weight.device)  # (V, c·r)
         for s in range(0, x.shape[0], ctx.chunk):
             xs, ts = x[s:s + ctx.chunk], targets[s:s + ctx.chunk]
             logits = F.linear(xs, weight, bias).float()
@@ -60,14 +72,22 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 dw += g.float().T @ xs.float()
             if db is not None:
                 db += g.float().sum(0)
+            if dcoords is not None:
+                xt = x_tilde[s:s + ctx.chunk]
+                dcoords += (g.to(xt.dtype).T @ xt.reshape(xt.shape[0], -1)).float()
+        if dcoords is not None:
+            shape, dtype = ctx.coords_meta
+            dcoords = dcoords.reshape(shape).to(dtype)
         return (dx, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
-                None, None, None, None)
+                None, None, None, None, dcoords, None)
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, *, chunk: int,
+def chunked_linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, *, chunk: int,
                                  num_items_in_batch=None, ignore_index: int = -100,
                                  shift_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """transformers' ForCausalLMLoss(head(hidden), labels, ...) without materialising the logits."""
+    """transformers' ForCausalLMLoss(head(hidden), labels, ...) without materialising the logits.
+
+    head: an nn.Linear, or memwrap's CompressedLinear (its weight gradient goes to its coords)."""
     if shift_labels is None:
         labels = F.pad(labels, (0, 1), value=ignore_index)
         shift_labels = labels[..., 1:].contiguous()
@@ -77,7 +97,13 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, head: nn.Linear, labels: 
         divisor = (targets != ignore_index).sum().float()
     else:
         divisor = torch.as_tensor(num_items_in_batch, device=x.device).float()
-    return _ChunkedLinearCE.apply(x, head.weight, head.bias, targets, divisor, chunk, ignore_index)
+    coords = x_tilde = None
+    if isinstance(head, CompressedLinear):
+        head.check_pending()
+        if torch.is_grad_enabled() and head.coords.requires_grad:
+            coords = head.coords
+            x_tilde = head.group.compress(x, compute_dtype(x), head.refresh_index)
+    return _ChunkedLinearCE.apply(x, head.weight, head.bias, targets, divisor, chunk, ignore_index, coords, x_tilde)
 
 
 class _PassThrough:
@@ -100,7 +126,8 @@ class ChunkedLossForward:
     def __call__(self, *args, **kwargs):
         m = self.model
         own = type(m).forward.__get__(m)
-        if kwargs.get("labels") is None or not torch.is_grad_enabled():
+        if kwargs.get("labels") is None or not torch.is_grad_enabled() or LOSS_ATTR not in m.__dict__:
+            # (no labels, no grad, or memwrap was unwrapped while another wrapper, e.g. TRL's, still calls this one)
             return own(*args, **kwargs)
         head = m.get_output_embeddings()
         chunk = self.chunk
@@ -128,9 +155,10 @@ class ChunkedLossForward:
 
 
 def can_chunk(model: nn.Module) -> bool:
-    """A causal LM whose loss is transformers' ForCausalLM and whose head is a plain linear layer."""
+    """A causal LM whose loss is transformers' ForCausalLM and whose head is a plain (or compressed) linear layer."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    return isinstance(head, nn.Linear) and type(head) is nn.Linear and hasattr(type(model), "loss_function") \
+    plain = type(head) is nn.Linear or (isinstance(head, CompressedLinear) and not head.transposed)
+    return plain and hasattr(type(model), "loss_function") \
         and getattr(getattr(model, "config", None), "is_encoder_decoder", False) is False \
         and type(model).__name__.endswith("ForCausalLM")
 
@@ -168,7 +196,30 @@ def install(model: nn.Module, chunk: int | None) -> bool:
     return True
 
 
+GUARD_ATTR = "_memwrap_head_guard"  # the forward pre-hook that refuses TRL's fused head on a compressed lm_head
+
+
+def _refuse_fused_head(model, args, kwargs):
+    if kwargs.get("fused_lm_head"):
+        raise BypassedWeightError(
+            "this call asks for TRL's fused LM head (fused_lm_head=True: SFTTrainer and the other TRL trainers), which "
+            "projects through lm_head.weight directly; memwrap compressed lm_head (its update arrives through its "
+            "coords), so the head would silently never train. Wrap with head='exact' (TRL's fused head then computes the "
+            "loss in chunks itself), or give the plan a larger budget.")
+
+
+def guard_head(model: nn.Module) -> None:
+    """With a compressed output head: refuse callers that bypass the head's forward (TRL's fused_lm_head=True)."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if isinstance(head, CompressedLinear) and GUARD_ATTR not in model.__dict__:
+        handle = model.register_forward_pre_hook(_refuse_fused_head, with_kwargs=True)
+        object.__setattr__(model, GUARD_ATTR, handle)
+
+
 def remove(model: nn.Module) -> bool:
+    guard = model.__dict__.pop(GUARD_ATTR, None)
+    if guard is not None:
+        guard.remove()
     if LOSS_ATTR not in model.__dict__:
         return False
     if isinstance(model.__dict__.get("forward"), ChunkedLossForward):

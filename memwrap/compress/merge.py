@@ -37,7 +37,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import OptimizerBeforeWrapError
-from .base import CompressedWeight, local
+from .base import CompressedWeight, local, materialize
 
 _UNITS: weakref.WeakSet = weakref.WeakSet()  # every live compressed weight (linear or experts)
 _GLOBAL_HOOK = None  # the discovery pre-hook's handle while any compressed weight is alive
@@ -237,6 +237,22 @@ def _discover(optimizer, args, kwargs) -> None:
         _check_resume(optimizer, link)
 
 
+def check_heads(params) -> None:
+    """Before the first step of an optimizer holding coords: a compressed output head whose coords got no gradient
+    while other layers' did was bypassed (a fused loss that reads lm_head.weight itself): warn, it would not train."""
+    by_coords = layers_by_coords()
+    held = [(p, by_coords[id(p)]) for p in params if id(p) in by_coords]
+    if not any(p.grad is not None for p, _ in held):
+        return
+    for p, unit in held:
+        if getattr(unit, "is_head", False) and p.requires_grad and p.grad is None:
+            _warn_once(f"head:{unit.layer_name}",
+                       f"memwrap: the compressed output head {unit.layer_name!r} got no gradient in this step while the "
+                       "other wrapped layers did: something computed the loss from its weight directly (a fused "
+                       "linear cross-entropy kernel?), bypassing the layer, so the head does not train. Wrap with "
+                       "head='exact', or let the model compute its loss (memwrap's chunked loss keeps the logits small).")
+
+
 def _link(optimizer) -> _Link:
     by_coords = layers_by_coords()
     by_weight = {id(u.weight): u for u in list(_UNITS)}
@@ -251,8 +267,13 @@ def _link(optimizer) -> _Link:
             "or memwrap.optimizer(model, ...).")
     link = _Link(n_params=len(held), holds_coords=any(pid in by_coords for pid in held),
                  owns_merge=bool(getattr(optimizer, "memwrap_owns_merge", False)))
+    if link.holds_coords:
+        check_heads([p for g in optimizer.param_groups for p in g["params"]])
     _LINKS[optimizer] = link
     if link.holds_coords and not link.owns_merge:
+        for pid, p in ((id(p), p) for g in optimizer.param_groups for p in g["params"]):
+            if pid in by_coords:  # it writes its update into coords: they need a storage (memwrap.optimizer drops it)
+                materialize(p)
         link.handles.append(optimizer.register_step_post_hook(_after_step))
         link.handles.append(optimizer.register_load_state_dict_post_hook(_after_load))
         if any(g.get("scale_parameter") and g.get("relative_step") is not None for g in optimizer.param_groups):

@@ -3,7 +3,8 @@
 The class does the bookkeeping; the `_projfactor_update`, `_subspace_adamw_update` and `_adamw_step`
 functions do the math. State holds only tensors (`torch.load(..., weights_only=True)` restores it).
 
-Wrapped layers (G_s = coords.grad, shape (…, n, c, r); Ĝ = lift(G_s), shape (…, n, m)):
+Wrapped layers (G_s = coords.grad, shape (…, n, c, r); Ĝ = lift(G_s), shape (…, n, m)); first moments in the
+coords' dtype (bf16 for a bf16 model), second moments in fp32:
   ProjFactor      exp_avg (…, n, c, r) in the subspace; second moment of Ĝ² as rank-1 row (…, n) and
                   column (…, m) factors (Adafactor-style); update lift(m̂) / sqrt(v̂) written straight into W.
   subspace AdamW  exp_avg and exp_avg_sq (…, n, c, r) in the subspace; update lift(m̂ / sqrt(v̂)).
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compress import merge
-from ..compress.base import local
+from ..compress.base import MERGE_CHUNK_BYTES, local, release
 from ..errors import InvalidSettingsError
 
 OPTIMIZER_KINDS = ("projfactor", "adamw")
@@ -53,23 +54,30 @@ def _check_hparams(lr, betas, eps, weight_decay, kind):
 
 
 def _adamw_step(p, g, state, lr, beta1, beta2, eps, wd):
-    """torch.optim.AdamW's single-tensor math."""
+    """torch.optim.AdamW's single-tensor math, a block of rows at a time: its one temporary (the denominator) stays
+    within MERGE_CHUNK_BYTES however large the parameter (an embedding, an lm_head)."""
     step = state["step"].add_(1).item()
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    p.mul_(1 - lr * wd)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+    rows = p.shape[0] if p.ndim else 1
+    per_row = max(1, p.numel() // max(rows, 1)) * exp_avg_sq.element_size()
+    block = max(1, MERGE_CHUNK_BYTES // per_row) if p.ndim else 1
+    for r0 in range(0, rows, block):
+        sl = (slice(r0, r0 + block),) if p.ndim else ()
+        pp, gg, m, v = p[sl], g[sl], exp_avg[sl], exp_avg_sq[sl]
+        pp.mul_(1 - lr * wd)
+        m.lerp_(gg, 1 - beta1)
+        v.mul_(beta2).addcmul_(gg, gg, value=1 - beta2)
+        denom = v.sqrt().div_(math.sqrt(bc2)).add_(eps)
+        pp.addcdiv_(m, denom, value=-lr / bc1)
 
 
 def _subspace_adamw_update(module, g, state, lr, beta1, beta2, eps, step) -> torch.Tensor:
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    u = exp_avg / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)  # (…, n, c, r)
+    u = exp_avg.float() / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)  # (…, n, c, r)
     return module.lifted(u.mul_(-lr / bc1))
 
 
@@ -85,7 +93,7 @@ def _row_mean(t: torch.Tensor, dim: int, rows=None, keepdim: bool = False) -> to
 
 def _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, rows=None) -> torch.Tensor:
     exp_avg, row, col = state["exp_avg"], state["v_row"], state["v_col"]
-    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
     sq = module.lifted(g).square_().add_(1e-30)  # Ĝ², (…, n, m)
     row.mul_(beta2).add_(sq.mean(-1), alpha=1 - beta2)  # (…, n)
     col.mul_(beta2).add_(_row_mean(sq, -2, rows), alpha=1 - beta2)  # (…, m)
@@ -107,6 +115,7 @@ class MemwrapOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, kind=kind,
                         error_feedback=bool(error_feedback), compressed=False)
         super().__init__(params, defaults)
+        self._release_tried: set[int] = set()
 
     @classmethod
     def for_model(cls, model: nn.Module, *, lr, kind, betas, eps, weight_decay, error_feedback, no_decay):
@@ -123,14 +132,21 @@ class MemwrapOptimizer(torch.optim.Optimizer):
             groups.append({"params": decay})
         if plain:
             groups.append({"params": plain, "weight_decay": 0.0})
-        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, kind=kind,
-                   error_feedback=error_feedback)
+        opt = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, kind=kind,
+                  error_feedback=error_feedback)
+        if not (dist.is_available() and dist.is_initialized()):  # DDP may yet broadcast into them: wait for step 1
+            for m in compressed:
+                opt._release_tried.add(id(m.coords))
+                release(m.coords)
+        return opt
 
     def _init_compressed_state(self, module, p, group):
         state = self.state[p]
         c = local(p)
         state["step"] = torch.zeros((), dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)  # a DTensor like p under FSDP2
+        # the first moment in the coords' dtype (bf16 for a bf16 model, as plain bf16 AdamW keeps it; its β1 = 0.9
+        # decay is far above bf16's resolution); second moments in fp32 (β2 = 0.999 would stall in bf16)
+        state["exp_avg"] = torch.zeros_like(p, dtype=p.dtype)  # a DTensor like p under FSDP2
         lead, n, m = c.shape[:-3], c.shape[-3], module.lifted(c[..., :1, :, :]).shape[-1]
         if group["kind"] == "adamw":
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
@@ -178,6 +194,9 @@ class MemwrapOptimizer(torch.optim.Optimizer):
                     update = _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, _sharded_rows(p))
                 module.apply_delta(update, 1.0 - lr * wd, step)
                 self._refresh(module, state, step, group)
+                if id(p) not in self._release_tried:  # coords stay zero under this optimizer: keep only their grad
+                    self._release_tried.add(id(p))
+                    release(p)
         return loss
 
     def _refresh(self, module, state, step, group):  # state: the local shards

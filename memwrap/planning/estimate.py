@@ -176,6 +176,7 @@ class Weight:
     group: str = ""
     has_bias: bool = False
     trainable: bool = True
+    head: bool = False  # the causal LM's untied output head (a linear the planner may compress)
 
 
 def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
@@ -184,8 +185,15 @@ def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
     tied = tied_parameter_ids(model)
     out: list[Weight] = []
     taken: set[int] = set()
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     for mname, mod in model.named_modules():
-        if type(mod) is nn.Linear and id(mod.weight) not in tied and not (exclude and name_matches(mname, exclude)):
+        if mod is head and type(mod) is nn.Linear and mname and id(mod.weight) not in tied:
+            out.append(Weight(mname, mod.weight.numel(), "linear", mod.in_features, mod.out_features,
+                              group=f":{mod.in_features}", has_bias=mod.bias is not None,
+                              trainable=mod.weight.requires_grad, head=True))
+            taken.add(id(mod.weight))
+        elif type(mod) is nn.Linear and id(mod.weight) not in tied and not (exclude and name_matches(mname, exclude)):
             parent = mname.rsplit(".", 1)[0] if "." in mname else ""
             out.append(Weight(mname, mod.weight.numel(), "linear", mod.in_features, mod.out_features,
                               group=f"{parent}:{mod.in_features}", has_bias=mod.bias is not None,
@@ -232,12 +240,13 @@ def _layer_settings(layers: tuple[LayerPlan, ...] | None) -> dict[str, LayerPlan
 
 
 def trainable_bytes(weights: list[Weight], layers: tuple[LayerPlan, ...] | None, param_bytes: int,
-                    optimizer: str = "adamw") -> tuple[int, int]:
+                    optimizer: str = "adamw", coords_bytes: int = FP32) -> tuple[int, int]:
     """(gradient bytes, optimizer-state bytes) of every trainable parameter.
 
-    With memwrap (layers given) a compressed weight trains through fp32 coords (E·n·c·r); its bias stays
-    trainable. optimizer: "adamw" (2 moments like each parameter) or "projfactor" (memwrap.optimizer: coords
-    get a first moment plus row/column second-moment factors, E·(n + m) fp32; the rest AdamW).
+    With memwrap (layers given) a compressed weight trains through coords (E·n·c·r; their gradient in bf16 for a
+    bf16 model, else fp32 — `coords_bytes`); memwrap.optimizer keeps their first moment in that dtype too; the bias
+    stays trainable. optimizer: "adamw" (subspace AdamW: an fp32 second moment of coords' size) or "projfactor"
+    (row/column second-moment factors, E·(n + m) fp32); every other parameter: AdamW, 2 moments of its dtype.
     """
     plan = _layer_settings(layers)
     grads = states = 0
@@ -249,12 +258,12 @@ def trainable_bytes(weights: list[Weight], layers: tuple[LayerPlan, ...] | None,
             grads += w.numel * param_bytes
             states += 2 * w.numel * param_bytes
             continue
-        coords = lp.coords_numel * FP32
-        grads += coords
-        if optimizer == "projfactor":
-            states += coords + lp.num_experts * (lp.out_features + lp.in_features) * FP32
-        else:
-            states += 2 * coords
+        grads += lp.coords_numel * coords_bytes
+        states += lp.coords_numel * coords_bytes  # the first moment, in the coords' dtype
+        if optimizer == "projfactor":  # row and column factors of the second moment
+            states += lp.num_experts * (lp.out_features + lp.in_features) * FP32
+        else:  # the second moment, fp32
+            states += lp.coords_numel * FP32
     return grads, states
 
 
@@ -431,15 +440,19 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         lm_in = N * H * a  # the (tied, exact) decoder saves the transform's output
     # logits/loss: the output projection's input, log_softmax output (fp32), the labels
     # linears the family formulas did not name (another architecture): each saves its input (or its x̃)
-    rest = [w for w in weights if w.kind == "linear" and w.name not in consumed and w.trainable]
+    rest = [w for w in weights if w.kind == "linear" and w.name not in consumed and w.trainable and not w.head]
     by_group: dict[str, list[Weight]] = {}
     for w in rest:
         by_group.setdefault(w.group, []).append(w)
     for group in by_group.values():
         add_input([w.name for w in group], group[0].in_features)
     loss_bytes = FP32 if s.family == "decoder" else a  # causal-LM loss upcasts the logits; BERT's MLM loss does not
+    head = next((w.name for w in weights if w.head and w.name in plan), None)
+    head_x = N * plan[head].c * plan[head].r * a if head else 0  # a compressed head's x̃
     if sv.get("loss_chunk") and s.family == "decoder":  # chunked loss: the head's input and the shifted targets
-        parts["logits/loss"] += lm_in + 2 * N * INDEX_BYTES + 2 * FP32
+        parts["logits/loss"] += lm_in + head_x + 2 * N * INDEX_BYTES + 2 * FP32
+    elif head:  # a compressed head saves x̃ instead of its input
+        parts["logits/loss"] += head_x + N * s.vocab * loss_bytes + N * INDEX_BYTES + loss_bytes
     else:
         parts["logits/loss"] += lm_in + N * s.vocab * loss_bytes + N * INDEX_BYTES + loss_bytes  # + the loss scalar
     chosen = sorted(i for i in chosen if i < len(per_layer))
@@ -465,18 +478,18 @@ def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
 def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, ...] | None, *, batch_size: int,
              seq_len: int, dtype_bytes: int, param_bytes: int | None = None, optimizer: str = "adamw",
              gradient_checkpointing: bool = False, chunked_cross_entropy: bool = False,
-             ce_chunk_tokens: int = 1024, savings: dict | None = None) -> Estimate:
+             ce_chunk_tokens: int = 1024, savings: dict | None = None, coords_bytes: int = FP32) -> Estimate:
     """Predicted peak of one training step (forward, backward, optimizer step) with the given layer settings.
 
     layers=None is plain training (every weight exact). The peak is the larger of the end of forward
     (weights + optimizer states + saved activations + live logits + the largest transient) and the
-    optimizer step (weights + gradients + states).
+    optimizer step (weights + gradients + states). Coords take no bytes of their own: memwrap.optimizer, which the
+    plan names, releases their storage (they stay zero under it) and keeps only their gradient (`coords_bytes` each).
     """
     pb = param_bytes or dtype_bytes
     N = batch_size * seq_len
-    # the weights, and the (zero, fp32) coords parameters of the compressed ones
-    weight_bytes = sum(w.numel for w in weights) * pb + sum(lp.coords_numel for lp in (layers or ())) * FP32
-    grads, states = trainable_bytes(weights, layers, pb, optimizer)
+    weight_bytes = sum(w.numel for w in weights) * pb
+    grads, states = trainable_bytes(weights, layers, pb, optimizer, coords_bytes)
     if layers is not None and (savings or {}).get("loss_chunk"):
         chunked_cross_entropy, ce_chunk_tokens = True, savings["loss_chunk"]
     elif chunked_cross_entropy and layers is not None:
@@ -501,11 +514,13 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
                     N * max(shape.intermediate, shape.moe_intermediate * max(shape.top_k, 1)) * dtype_bytes * 2,
                     recompute)
     forward_peak = weight_bytes + states + saved + live_logits + transient
-    # the step's transient: an exact weight's optimizer temporaries, or one block of a compressed weight's merge
+    # the step's transient: an exact weight's optimizer temporaries (memwrap.optimizer works a block of rows at a
+    # time; plain AdamW's single-tensor path holds two temporaries of the weight), or one block of a merge
     plan = _layer_settings(layers)
     exact_max = max((w.numel for w in weights if w.name not in plan and w.trainable), default=0)
+    exact_temp = exact_max * pb * 2 if layers is None else min(MERGE_CHUNK_BYTES, exact_max * pb)
     merge = min(MERGE_CHUNK_BYTES, max((lp.weight_numel for lp in plan.values()), default=0) * MERGE_BYTES_PER_ELEMENT)
-    step_peak = weight_bytes + grads + states + max(exact_max * pb * 2, merge)
+    step_peak = weight_bytes + grads + states + max(exact_temp, merge)
     peak = max(forward_peak, step_peak)
     parts = (("weights", weight_bytes), ("gradients", grads), ("optimizer states", states),
              ("saved activations", saved), ("logits", live_logits), ("largest transient", transient))

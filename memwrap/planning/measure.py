@@ -49,6 +49,21 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes the tensors really hold: each storage once (released coords, one broadcast zero, hold almost none)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = local_tensor(t).untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+    return sum(seen.values())
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def grad_bytes(model: nn.Module) -> int:
     """Bytes of the gradients the model's trainable parameters will hold (numel × dtype of the parameter)."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

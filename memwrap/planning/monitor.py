@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..compress import merge
-from .measure import SavedTensorMeter, optimizer_state_bytes, tensor_bytes
+from .measure import SavedTensorMeter, optimizer_state_bytes, storage_bytes
 
 TOLERANCE = 0.10
 COMPARED = ("weights", "optimizer states", "saved activations")  # the parts a CPU run can measure through a step
@@ -85,14 +85,15 @@ class Monitor:
         return predicted
 
     def measure(self, model: nn.Module) -> dict[str, int]:
-        """What lives now: weights (coords included) and the optimizer states of the optimizers holding this model's
+        """What lives now: weights (coords included where an optimizer writes into them; memwrap.optimizer releases
+        them) and the optimizer states of the optimizers holding this model's
         coords; plus the first training forward's saved bytes and, on a GPU, the peak since then."""
         coords = {id(u.coords) for u in merge.units_of(model)}
         params = list(model.parameters())
         states = sum(optimizer_state_bytes(opt) for opt in list(merge._LINKS)
                      if any(id(p) in coords for g in opt.param_groups for p in g["params"]))
         out = dict(self.measured)
-        out["weights"] = tensor_bytes(params)
+        out["weights"] = storage_bytes(params)
         out["optimizer states"] = states
         if self._cuda is not None:
             out["peak"] = torch.cuda.max_memory_allocated(self._cuda)

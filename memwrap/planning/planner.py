@@ -22,6 +22,7 @@ import importlib.util
 import math
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from ..adapters import resolve
@@ -131,6 +132,8 @@ class Choice:
     estimate: Estimate
     overhead: float  # predicted step time over plain training
     optimizer: str = PLAN_OPTIMIZER  # whose state bytes the plan counted: "adamw" (subspace) or "projfactor"
+    head: bool = False  # the output head compressed because the exact one did not fit at this level
+    moved: tuple = ()  # (groups at the coarser level, all groups, that level): per-layer rank and granularity
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -141,9 +144,10 @@ class Choice:
         return bool(self.savings.get("loss_chunk"))
 
 
-def _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer=PLAN_OPTIMIZER):
+def _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer=PLAN_OPTIMIZER,
+              coords_bytes=4):
     return estimate(shape, weights, layers, batch_size=batch, seq_len=seq, dtype_bytes=dtype_bytes,
-                    param_bytes=param_bytes, optimizer=optimizer, savings=savings)
+                    param_bytes=param_bytes, optimizer=optimizer, savings=savings, coords_bytes=coords_bytes)
 
 
 def _with_layers(savings: dict, k: int, n_layers: int) -> dict:
@@ -164,7 +168,7 @@ def loss_chunk_rows(shape: ModelShape, dtype_bytes: int) -> int:
 
 
 def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, param_bytes, fixed=None,
-            optimizer=PLAN_OPTIMIZER) -> Choice | None:
+            optimizer=PLAN_OPTIMIZER, coords_bytes=4) -> Choice | None:
     """At one compression: the fastest recompute choice that fits (fewest checkpointed layers, by bisection)."""
     causal = shape.family == "decoder"
     chunk_rows = loss_chunk_rows(shape, dtype_bytes)
@@ -178,7 +182,7 @@ def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, pa
     for base in bases:
         def peak(k, base=base):
             return _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes,
-                             _with_layers(base, k, L), optimizer).peak_bytes
+                             _with_layers(base, k, L), optimizer, coords_bytes).peak_bytes
 
         if fixed is not None:
             ks = [0]
@@ -195,7 +199,8 @@ def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, pa
             ks = [lo]
         for k in ks:
             savings = base if fixed is not None else _with_layers(base, k, L)
-            est = _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer)
+            est = _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer,
+                            coords_bytes)
             if est.peak_bytes > budget_bytes:
                 continue
             choice = Choice(layers, 0.0, savings, est, recompute_overhead(shape, savings, seq), optimizer)
@@ -205,25 +210,85 @@ def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, pa
     return best
 
 
+def sibling_groups(layers: tuple[LayerPlan, ...]) -> list[str]:
+    """The groups of layers that must share (c, r) (siblings share one x̃), smallest in weight bytes first."""
+    size: dict[str, int] = {}
+    for lp in layers:
+        key = lp.group or lp.name
+        size[key] = size.get(key, 0) + lp.weight_numel
+    return sorted(size, key=lambda k: size[k])  # stable: model order among equal sizes
+
+
+def refine(shape, weights, choice: Choice, index: int, *, budget_bytes, batch, seq, dtype_bytes, param_bytes,
+           fixed=None, coords_bytes=4) -> Choice:
+    """Rank and granularity per layer: from the level the plan fits at, move whole sibling groups to the next coarser
+    level (smallest groups first, so the most layers gain) while some recompute choice still fits — the budget
+    between two levels buys quality, not idle bytes. The largest number of groups that fits is found by bisection
+    (each group moved adds bytes); among plans with that many, the fastest recompute choice wins as before."""
+    if index == 0:
+        return choice
+    coarser = LEVELS[index - 1]
+    groups = sibling_groups(choice.layers)
+    cache: dict[int, tuple[int, int]] = {}
+
+    def layers_with(k: int) -> tuple[LayerPlan, ...]:
+        moved = set(groups[:k])
+        out = []
+        for lp in choice.layers:
+            if (lp.group or lp.name) in moved:
+                c, r = cache.setdefault(lp.in_features, settings_at(lp.in_features, coarser))
+                lp = replace(lp, c=c, r=r)
+            out.append(lp)
+        return tuple(out)
+
+    def attempt(k: int) -> Choice | None:
+        return best_at(shape, weights, layers_with(k), budget_bytes=budget_bytes, batch=batch, seq=seq,
+                       dtype_bytes=dtype_bytes, param_bytes=param_bytes, fixed=fixed, optimizer=choice.optimizer,
+                       coords_bytes=coords_bytes)
+
+    lo, hi, best = 0, len(groups), None  # lo fits (k = 0 is the choice itself)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        got = attempt(mid)
+        if got is not None:
+            lo, best = mid, got
+        else:
+            hi = mid - 1
+    if best is None:
+        return choice
+    return replace(best, level=choice.level, head=choice.head, moved=(lo, len(groups), coarser))
+
+
 def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, budget_bytes: int, batch_size: int,
-           seq_len: int, dtype_bytes: int, param_bytes: int, fixed: dict | None = None) -> Choice:
+           seq_len: int, dtype_bytes: int, param_bytes: int, fixed: dict | None = None, coords_bytes: int = 4,
+           head: Target | None = None) -> Choice:
     """Quality first, then speed: the least compression at which some recompute choice fits, and at it the fastest
-    choice; BudgetTooSmallError naming the smallest budget and the largest batch that fit."""
+    choice; BudgetTooSmallError naming the smallest budget and the largest batch that fit.
+
+    head: the output head, compressed (at the level of the plan) only where that keeps the plan from a finer level."""
     for level in LEVELS:
-        layers = layers_at(targets, level, dtype_bytes)
-        # ProjFactor (30% fewer state bytes, ~4-5% loss) only where it keeps the plan from going finer than the floor
-        for optimizer in (PLAN_OPTIMIZER, "projfactor") if level == QUALITY_FLOOR else (PLAN_OPTIMIZER,):
-            got = best_at(shape, weights, layers, budget_bytes=budget_bytes, batch=batch_size, seq=seq_len,
-                          dtype_bytes=dtype_bytes, param_bytes=param_bytes, fixed=fixed, optimizer=optimizer)
-            if got is not None:
-                return replace(got, level=level)
-    cheapest_layers = layers_at(targets, LEVELS[-1], dtype_bytes)
+        # ProjFactor (fewer state bytes, ~4-5% loss) only where it keeps the plan from going finer than a floor
+        optimizers = (PLAN_OPTIMIZER, "projfactor") if level in (QUALITY_FLOOR, HARD_FLOOR) else (PLAN_OPTIMIZER,)
+        for optimizer in optimizers:
+            for with_head in (False, True) if head is not None else (False,):
+                layers = layers_at(targets + ([head] if with_head else []), level, dtype_bytes)
+                got = best_at(shape, weights, layers, budget_bytes=budget_bytes, batch=batch_size, seq=seq_len,
+                              dtype_bytes=dtype_bytes, param_bytes=param_bytes, fixed=fixed, optimizer=optimizer,
+                              coords_bytes=coords_bytes)
+                if got is not None:
+                    got = replace(got, level=level, head=with_head)
+                    got = refine(shape, weights, got, LEVELS.index(level), budget_bytes=budget_bytes,
+                                 batch=batch_size, seq=seq_len, dtype_bytes=dtype_bytes, param_bytes=param_bytes,
+                                 fixed=fixed, coords_bytes=coords_bytes)
+                    return got
+    cheapest_layers = layers_at(targets + ([head] if head is not None else []), LEVELS[-1], dtype_bytes)
     chunk_rows = loss_chunk_rows(shape, dtype_bytes) if shape.family == "decoder" else 0
     cheapest = fixed if fixed is not None else dict(norms="recompute", mlp="act", attention="keep",
                                                       checkpoint_layers="all", loss_chunk=chunk_rows)
 
     def need(b: int) -> int:
-        return _estimate(shape, weights, cheapest_layers, b, seq_len, dtype_bytes, param_bytes, cheapest).peak_bytes
+        return _estimate(shape, weights, cheapest_layers, b, seq_len, dtype_bytes, param_bytes, cheapest,
+                         coords_bytes=coords_bytes).peak_bytes
 
     least = need(batch_size)
     max_batch = 0
@@ -248,6 +313,11 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
     notes = [f"budget from {source}",
              f"compression c·r/m = 1/{round(1 / choice.level)}: mean relative gradient variance "
              f"{relative_variance(choice.layers):.1f} (0 is exact)"]
+    if choice.moved:
+        k, total, coarser = choice.moved
+        notes[-1] = (f"compression c·r/m = 1/{round(1 / coarser)} for {k} of {total} weight groups (the smallest), "
+                     f"1/{round(1 / choice.level)} for the rest, as far as the budget goes: mean relative gradient "
+                     f"variance {relative_variance(choice.layers):.1f} (0 is exact)")
     if choice.level < QUALITY_FLOOR:
         cost = QUALITY_COST.get(choice.level, 0.2)
         notes.append(f"finer than 1/{round(1 / QUALITY_FLOOR)} because even checkpointing every layer does not fit at "
@@ -267,8 +337,12 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
         applied.append(f"chunked cross-entropy ({sv['loss_chunk']} tokens at a time; training forwards with labels "
                        "return the loss and logits=None)")
     if choice.optimizer == "projfactor":
-        notes.append("optimizer states counted for ProjFactor (memwrap.optimizer(model) builds it): 30% fewer bytes "
-                     "than subspace AdamW, which does not fit at this compression; about 4-5% higher loss at 600 steps")
+        notes.append("optimizer states counted for ProjFactor (memwrap.optimizer(model) builds it): a factored "
+                     "second moment instead of subspace AdamW's, which does not fit at this compression; about 4-5% "
+                     "higher loss at 600 steps")
+    if choice.head:
+        notes.append("the output head (lm_head) is compressed like the other linears: with its exact gradient and "
+                     "optimizer states the plan does not fit at this compression")
     notes.append("wrap applies: " + ", ".join(applied) + f"; predicted step time +{choice.overhead:.0%} over plain "
                  "training (recomputed FLOPs)")
     if shape is not None and not shape.exact_formulas:
@@ -319,6 +393,17 @@ def _finish(base: Plan, choice: Choice, budget_bytes: int, batch: int, seq: int,
 _DTYPE_NAMES = {4: "fp32", 2: "bf16"}
 
 
+def _head_target(model: nn.Module, config: WrapConfig, adapter, candidates, allow_meta: bool = False) -> Target | None:
+    """The output head as an optional target (head="auto", not already a target): the planner compresses it only
+    where that keeps the plan from a finer compression."""
+    if config.head != "auto":
+        return None
+    c = inject.head_candidate(model, adapter, allow_meta=allow_meta)
+    if c is None or any(x.module is c.module for x in candidates):
+        return None
+    return Target(c.name, c.kind, c.in_features, c.out_features, c.num_experts, c.group_key)
+
+
 def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batch_size=None, seq_len=None,
                    dtype_bytes: int = 4) -> Plan:
     """Find targets and settle (c, r) for each (explicit settings, else by budget); raises before any mutation."""
@@ -343,10 +428,13 @@ def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batc
     seq = seq_len or default_seq_len(hf_config)
     weights = enumerate_weights(model, exclude=config.exclude)
     targets = [Target(c.name, c.kind, c.in_features, c.out_features, c.num_experts, c.group_key) for c in candidates]
-    param_bytes = next((p.element_size() for p in model.parameters() if p.is_floating_point()), dtype_bytes)
+    head = _head_target(model, config, adapter, candidates)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    param_bytes = param.element_size() if param is not None else dtype_bytes
     choice = choose(shape, weights, targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
                     dtype_bytes=dtype_bytes, param_bytes=param_bytes,
-                    fixed=config.savings if config.savings_changed() else None)
+                    fixed=config.savings if config.savings_changed() else None,
+                    coords_bytes=2 if param is not None and param.dtype == torch.bfloat16 else 4, head=head)
     return _finish(base, choice, budget_bytes, batch, seq, _DTYPE_NAMES.get(dtype_bytes, f"{dtype_bytes}-byte"), source,
                    shape)
 
@@ -367,6 +455,7 @@ class ModelSketch:
     targets: list[Target]
     max_positions: int = DEFAULT_SEQ_LEN
     skipped: tuple[tuple[str, str], ...] = ()  # what wrap would leave exact, and why
+    head: Target | None = None  # the output head, when the planner may compress it (head="auto")
 
 
 def sketch(model: str, config: WrapConfig | None = None, compress_experts: bool | None = None) -> ModelSketch:
@@ -389,7 +478,7 @@ def sketch(model: str, config: WrapConfig | None = None, compress_experts: bool 
     targets.sort(key=lambda t: order.get(t.name, len(order)))
     left_exact = tuple(skipped)
     return ModelSketch(type(meta).__name__, ModelShape.from_config(hf_config), weights, targets,
-                       default_seq_len(hf_config), left_exact)
+                       default_seq_len(hf_config), left_exact, _head_target(meta, config, adapter, candidates, True))
 
 
 def plan(model: str, budget_gb: float | None = None, batch_size: int | None = None, seq_len: int | None = None,
@@ -411,7 +500,8 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     seq = seq_len or sk.max_positions
     choice = choose(sk.shape, sk.weights, sk.targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
                     dtype_bytes=dtype_bytes, param_bytes=dtype_bytes,
-                    fixed=config.savings if config.savings_changed() else None)
+                    fixed=config.savings if config.savings_changed() else None,
+                    coords_bytes=2 if dtype.lower() in ("bf16", "bfloat16") else 4, head=sk.head)
     planned = {t.name for t in sk.targets}
     skipped = sk.skipped + tuple((w.name, "fused experts left exact (compress_experts=False)") for w in sk.weights
                                  if w.kind == "experts" and w.name not in planned)
