@@ -118,7 +118,7 @@ SAVINGS = {"keep": {"norms": "keep", "mlp": "keep"}, "default": {}, "mlp": {"mlp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", ["llama", "qwen3_moe", "bert", "mixtral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe", "bert", "mixtral", "gpt2"])
 def test_byte_model_predicts_every_option_within_one_percent(kind, dtype):
     errors = {}
     for name, options in SAVINGS.items():

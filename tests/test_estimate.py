@@ -30,6 +30,12 @@ def tiny(kind: str, dtype=torch.float32):
                              num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)
         model = AutoModelForCausalLM.from_config(cfg)
+    elif kind == "gpt2":  # GPT-2 keeps its residual and embedding dropout; attention dropout off (as for BERT)
+        from transformers import GPT2Config
+
+        cfg = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, attn_pdrop=0.0,
+                         bos_token_id=0, eos_token_id=0)
+        model = AutoModelForCausalLM.from_config(cfg)
     else:  # BERT keeps its hidden dropout; attention dropout off (sdpa would take the math path)
         cfg = BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, attention_probs_dropout_prob=0.0)
@@ -39,7 +45,7 @@ def tiny(kind: str, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "memwrap"])
-@pytest.mark.parametrize("kind", ["llama", "qwen3_moe", "bert"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe", "bert", "gpt2"])
 def test_saved_activation_bytes_match_hooks(kind, wrapped, dtype):
     model = tiny(kind, dtype)
     shape = est.ModelShape.from_config(model.config)

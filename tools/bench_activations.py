@@ -34,7 +34,7 @@ OPTIONS = {  # name -> wrap kwargs (None: plain model; "hf-ckpt": plain model + 
     "+ mlp and attention": {"mlp": "recompute", "attention": "recompute"},
     "+ every layer ckpt": {"checkpoint_layers": "all"},
 }
-MODELED = ("llama", "qwen3_moe", "mixtral", "bert")
+MODELED = ("llama", "gpt2", "bert", "qwen3_moe", "mixtral")  # families the byte model has formulas for
 
 
 def config(family: str):

@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python tools/bench_planner.py [--batch-size 8 --seq-len 2048 --dtype bf16]
 
 Part 1 (nothing loaded): for each bundled config, the predicted peak of plain AdamW, AdamW + gradient
-checkpointing and the memwrap plan at each budget (MoE models twice: fused experts exact, as this memwrap
-wraps them now, and compressed, as the experts support will).
+checkpointing and the memwrap plan at each budget (MoE models twice: fused experts exact and compressed), then the
+smallest plan at 1/32 (batch 1 and 8) against the weights and against AdamW + checkpointing.
 Part 2: tiny models built from configs: predicted saved-activation bytes vs saved-tensor hooks, and the
 predicted peak vs the measured peak RSS growth of two training steps in a fresh process.
 """
@@ -45,7 +45,7 @@ def recompute_label(p) -> str:
 def bundled_table(batch: int, seq: int, dtype: str, budgets=(16, 24, 40, 80)) -> str:
     _, a = est.dtype_from_name(dtype)
     head = (f"{'model':<20}{'experts':<10}{'budget':>7}{'AdamW':>9}{'+ckpt':>9}{'memwrap':>9}"
-            f"{'c·r/m':>8}{'optim':>11}{'recompute':>21}{'loss chunk':>11}{'time':>7}  note")
+            f"{'c·r/m':>11}{'head':>6}{'optim':>11}{'recompute':>21}{'loss chunk':>11}{'time':>7}  note")
     lines = [f"bundled configs, batch {batch} × seq_len {seq}, {dtype}; peaks in GB", head, "-" * len(head)]
     for name in est.bundled_names():
         sk0 = planner.sketch(name, compress_experts=False)
@@ -59,14 +59,45 @@ def bundled_table(batch: int, seq: int, dtype: str, budgets=(16, 24, 40, 80)) ->
                 try:
                     p = memwrap.plan(name, budget_gb=budget, batch_size=batch, seq_len=seq, dtype=dtype,
                                      compress_experts=bool(experts))
-                    lp = p.layers[0]
-                    row += (f"{gb(dict(p.memory)['peak']):>9}{f'1/{round(lp.in_features / (lp.c * lp.r))}':>8}"
+                    head_c = any(lp.name == "lm_head" for lp in p.layers)
+                    row += (f"{gb(dict(p.memory)['peak']):>9}{levels(p):>11}{'yes' if head_c else 'no':>6}"
                             f"{p.optimizer or '-':>11}{recompute_label(p):>21}{p.loss_chunk or 'off':>11}"
                             f"{f'+{p.step_time_overhead:.0%}':>7}")
                 except BudgetTooSmallError as e:
                     fit = f"batch {e.max_batch_size} fits" if e.max_batch_size else "no batch fits"
-                    row += f"{'-':>9}{'-':>8}{'-':>11}{'-':>21}{'-':>11}{'-':>7}  needs {gb(e.min_budget_bytes)} GB; {fit}"
+                    row += (f"{'-':>9}{'-':>11}{'-':>6}{'-':>11}{'-':>21}{'-':>11}{'-':>7}  needs {gb(e.min_budget_bytes)} GB;"
+                            f" {fit}")
                 lines.append(row)
+    return "\n".join(lines)
+
+
+def levels(p) -> str:
+    """The compressions of a plan: one level, or the coarsest-finest pair when layers differ (per-layer rank)."""
+    got = sorted({round(lp.in_features / (lp.c * lp.r)) for lp in p.layers})
+    return f"1/{got[0]}" if len(got) == 1 else f"1/{got[0]}-1/{got[-1]}"
+
+
+def floor_table(seq: int, dtype: str, level: float = 1 / 32) -> str:
+    """The least peak at a compression (every layer checkpointed, the chunked loss, ProjFactor, lm_head compressed):
+    the smallest plan at that level, against the weights and against AdamW + checkpointing."""
+    _, a = est.dtype_from_name(dtype)
+    head = (f"{'model':<20}{'batch':>6}{'weights':>9}{'AdamW+ckpt':>12}{'least at 1/' + str(round(1 / level)):>15}"
+            f"{'÷ weights':>11}{'÷ AdamW+ckpt':>14}")
+    lines = [f"the smallest plan at c·r/m = 1/{round(1 / level)}, seq_len {seq}, {dtype}; GB", head, "-" * len(head)]
+    for name in est.bundled_names():
+        sk = planner.sketch(name)
+        weights = sum(w.numel for w in sk.weights) * a
+        targets = sk.targets + ([sk.head] if sk.head is not None else [])
+        layers = planner.layers_at(targets, level, a)
+        savings = dict(norms="recompute", mlp="act", attention="keep", checkpoint_layers="all",
+                       loss_chunk=planner.loss_chunk_rows(sk.shape, a))
+        for batch in (1, 8):
+            least = est.estimate(sk.shape, sk.weights, layers, batch_size=batch, seq_len=seq, dtype_bytes=a,
+                                 param_bytes=a, optimizer="projfactor", savings=savings,
+                                 coords_bytes=2 if dtype == "bf16" else 4).peak_bytes
+            ckpt = planner.baselines(sk, batch_size=batch, seq_len=seq, dtype_bytes=a)["AdamW+ckpt"].peak_bytes
+            lines.append(f"{name:<20}{batch:>6}{gb(weights):>9}{gb(ckpt):>12}{gb(least):>15}{least / weights:>11.3f}"
+                         f"{least / ckpt:>14.3f}")
     return "\n".join(lines)
 
 
@@ -131,6 +162,8 @@ def main() -> None:
     ap.add_argument("--skip-measured", action="store_true", help="only the bundled-config table")
     args = ap.parse_args()
     print(bundled_table(args.batch_size, args.seq_len, args.dtype))
+    print()
+    print(floor_table(args.seq_len, args.dtype))
     if not args.skip_measured:
         print()
         print(saved_table())

@@ -118,6 +118,7 @@ class ChunkedLossForward:
 
     def __init__(self, model: nn.Module, chunk: int):
         self.model, self.chunk = model, chunk
+        self.active = True  # False once removed (another wrapper, e.g. TRL's forward, may still call this one)
 
     @property
     def __signature__(self) -> inspect.Signature:  # the Trainer reads forward's parameters to keep dataset columns
@@ -126,8 +127,7 @@ class ChunkedLossForward:
     def __call__(self, *args, **kwargs):
         m = self.model
         own = type(m).forward.__get__(m)
-        if kwargs.get("labels") is None or not torch.is_grad_enabled() or LOSS_ATTR not in m.__dict__:
-            # (no labels, no grad, or memwrap was unwrapped while another wrapper, e.g. TRL's, still calls this one)
+        if kwargs.get("labels") is None or not torch.is_grad_enabled() or not self.active:
             return own(*args, **kwargs)
         head = m.get_output_embeddings()
         chunk = self.chunk
@@ -160,7 +160,7 @@ def can_chunk(model: nn.Module) -> bool:
     plain = type(head) is nn.Linear or (isinstance(head, CompressedLinear) and not head.transposed)
     return plain and hasattr(type(model), "loss_function") \
         and getattr(getattr(model, "config", None), "is_encoder_decoder", False) is False \
-        and type(model).__name__.endswith("ForCausalLM")
+        and type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))  # GPT-2 names its causal LM so
 
 
 def _same_loss(model: nn.Module, forward: ChunkedLossForward) -> bool:
@@ -193,9 +193,11 @@ def install(model: nn.Module, chunk: int | None) -> bool:
         return False
     model.forward = forward
     object.__setattr__(model, LOSS_ATTR, int(chunk))
+    object.__setattr__(model, FORWARD_ATTR, forward)
     return True
 
 
+FORWARD_ATTR = "_memwrap_chunked_forward"  # the ChunkedLossForward installed (deactivated by `remove`)
 GUARD_ATTR = "_memwrap_head_guard"  # the forward pre-hook that refuses TRL's fused head on a compressed lm_head
 
 
@@ -222,6 +224,10 @@ def remove(model: nn.Module) -> bool:
         guard.remove()
     if LOSS_ATTR not in model.__dict__:
         return False
+    forward = model.__dict__.get(FORWARD_ATTR)
+    if forward is not None:
+        forward.active = False
+        model.__dict__.pop(FORWARD_ATTR)
     if isinstance(model.__dict__.get("forward"), ChunkedLossForward):
         del model.forward
     object.__delattr__(model, LOSS_ATTR)

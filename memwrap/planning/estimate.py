@@ -30,7 +30,7 @@ DTYPES = {"fp32": (torch.float32, 4), "float32": (torch.float32, 4), "bf16": (to
           "bfloat16": (torch.bfloat16, 2), "fp16": (torch.float16, 2), "float16": (torch.float16, 2)}
 INDEX_BYTES = 8  # int64 indices (token ids, labels, top-k expert ids)
 FP32 = 4
-KNOWN_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "bert")
+KNOWN_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "bert", "gpt2")
 
 BUNDLED = {  # short name -> file in memwrap/configs (hand-written config.json of the public model)
     "llama-2-7b": "llama-2-7b.json",
@@ -126,8 +126,10 @@ class ModelShape:
     top_k: int = 0
     moe_intermediate: int = 0
     shared_intermediate: int = 0  # Qwen2-MoE shared expert (0: none)
-    hidden_dropout: float = 0.0
+    hidden_dropout: float = 0.0  # BERT's hidden_dropout_prob, GPT-2's resid_pdrop
     attention_dropout: float = 0.0
+    embedding_dropout: float = 0.0  # GPT-2's embd_pdrop
+    kv_cache_copies: bool = False  # GPT-2 with use_cache: its cache keeps a copy of every layer's k and v in training
 
     @property
     def exact_formulas(self) -> bool:
@@ -158,8 +160,12 @@ class ModelShape:
             top_k=g("num_experts_per_tok", default=0),
             moe_intermediate=g("moe_intermediate_size", default=g("intermediate_size")) if num_experts else 0,
             shared_intermediate=g("shared_expert_intermediate_size", default=0),
-            hidden_dropout=float(g("hidden_dropout_prob", default=0.0) or 0.0) if family == "encoder" else 0.0,
-            attention_dropout=float(g("attention_probs_dropout_prob", "attention_dropout", default=0.0) or 0.0),
+            hidden_dropout=float(g("hidden_dropout_prob", "resid_pdrop", default=0.0) or 0.0)
+            if family == "encoder" or mt == "gpt2" else 0.0,
+            attention_dropout=float(g("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", default=0.0)
+                                    or 0.0),
+            embedding_dropout=float(g("embd_pdrop", default=0.0) or 0.0) if mt == "gpt2" else 0.0,
+            kv_cache_copies=mt == "gpt2" and bool(getattr(config, "use_cache", False)),
         )
 
 
@@ -339,7 +345,43 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
     act_recompute = sv["mlp"] in ("act", "recompute")
     parts["embeddings"] += N * INDEX_BYTES  # embedding saves the token ids
     per_layer: list[dict[str, int]] = []
-    if s.family == "decoder":
+    if s.model_type == "gpt2":  # GPT-2: LayerNorm, fused c_attn (Conv1D), Python GELU, dropout after each sublayer
+        cache = 0  # outside the layers' own accounting: a checkpointed layer's cache copies live on
+        mask = N * H * a if s.hidden_dropout > 0 else 0  # nn.Dropout keeps its (scaled) mask in the input's dtype
+        parts["embeddings"] += T * INDEX_BYTES + (N * H * a if s.embedding_dropout > 0 else 0)  # position ids, mask
+        I_ = s.intermediate
+        for i in range(s.layers):
+            before = dict(parts)
+            pre = f"transformer.h.{i}."
+            parts["residual stream"] += N * H * a  # ln_1's input
+            parts["norms"] += layer_norm(H, N)
+            attention_start = dict(parts)
+            add_input(_names(weights, pre + "attn.", ("c_attn",)), H)
+            # sdpa keeps q, k, v (views of c_attn's output), its output (c_proj's input) and the logsumexp
+            parts["attention"] += 3 * N * H * a + N * H * a + B * nh * T * FP32
+            add_input(_names(weights, pre + "attn.", ("c_proj",)), 0)  # exact: the sdpa output itself
+            parts["residual stream"] += mask
+            if attention_rc(i):  # GPT2Attention keeps ln_1's output
+                recomputed(attention_start, "attention")
+            elif s.kv_cache_copies:  # the cache's k and v (a recomputed attention runs without the cache)
+                cache += 2 * N * H * a
+            parts["residual stream"] += N * H * a  # ln_2's input
+            parts["norms"] += layer_norm(H, N)
+            mlp_start = dict(parts)
+            add_input(_names(weights, pre + "mlp.", ("c_fc",)), H)
+            # GELU (tanh form, Python ops) keeps its input, its tanh, x/2 and 1 + tanh; recomputed: its input only
+            parts["mlp activations"] += (1 if act_recompute else 4) * N * I_ * a
+            add_input(_names(weights, pre + "mlp.", ("c_proj",)), I_)  # the GELU output
+            parts["residual stream"] += mask
+            if mlp_rc(i):  # GPT2MLP keeps ln_2's output
+                recomputed(mlp_start, "mlp activations")
+            per_layer.append({k: parts[k] - before[k] for k in parts})
+        parts["residual stream"] += N * H * a  # ln_f's input
+        parts["norms"] += layer_norm(H, N)
+        lm_in = N * H * a  # the (tied, exact) head keeps ln_f's output
+        if cache:
+            parts["kv cache (use_cache)"] = cache
+    elif s.family == "decoder":
         parts["attention"] += 2 * T * hd * a  # RoPE cos and sin (1, T, hd), computed once, saved by every layer's mul
         if any(attention_rc(i) for i in range(s.layers)) or chosen:  # recomputed calls keep position and cache ids
             parts["attention"] += 2 * T * INDEX_BYTES

@@ -347,7 +347,7 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
                  "training (recomputed FLOPs)")
     if shape is not None and not shape.exact_formulas:
         notes.append(f"activation bytes of {shape.model_type!r} are approximated with the Llama-like formulas "
-                     "(tested: llama, mistral, qwen2/3, qwen2/3-moe, mixtral, bert)")
+                     "(tested: llama, mistral, qwen2/3, qwen2/3-moe, mixtral, gpt2, bert)")
     return tuple(notes)
 
 
