@@ -54,3 +54,7 @@ class CheckpointError(MemwrapError, ValueError):
 
 class BypassedWeightError(MemwrapError, RuntimeError):
     """Code outside the wrapped layer reads its frozen weight directly, so the layer's update would be lost."""
+
+
+class UnsupportedEngineError(MemwrapError, RuntimeError):
+    """A training engine manages a wrapped layer's parameters in a way memwrap cannot merge updates from."""

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ..errors import UnmergedUpdateError
+from ..errors import UnmergedUpdateError, UnsupportedEngineError
 from .projection import draw_projection, projection_seed, subspace_transfer
 
 
@@ -181,10 +181,14 @@ class CompressedWeight:
         self._forwards = 0
         self._base: torch.Tensor | None = None  # coords' value at the last merge of an external write (kept, not zeroed)
         self.is_head = False  # a causal LM's output head: always in use when training on labels
+        self._engine_checked = False  # check_engine ran (at the first forward)
 
     def _reset_after_copy(self) -> None:
         """A deepcopy or an unpickled copy: caches and the merge baseline belong to the original."""
         self._merged = self._seen = self._claim = None
+        self._engine_checked = False
+        if "is_head" not in self.__dict__:  # pickled by memwrap 0.1.0
+            self.is_head = False
 
     @property
     def d(self) -> int:
@@ -261,10 +265,32 @@ class CompressedWeight:
         """What coords hold that W does not have yet: all of it, or what changed since an external write was merged."""
         return p.detach() if self._base is None else local(p.detach()) - self._base
 
+    def check_engine(self) -> None:
+        """Once, at the first forward: refuse engines that step flat copies of the parameters and write them back
+        behind autograd (DeepSpeed ZeRO), before any update could be lost."""
+        self._engine_checked = True
+        p = self.coords
+        if getattr(p, "placements", None) is not None:  # FSDP2's DTensor: supported
+            return
+        stage = None
+        if hasattr(p, "ds_id"):
+            stage = "3"
+        elif not is_released(p) and (p.storage_offset() or p.untyped_storage().nbytes() > p.numel() * p.element_size()):
+            stage = "1 or 2 (or another engine that flattens parameters into one buffer)"
+        if stage is not None:
+            raise UnsupportedEngineError(
+                f"wrapped layer {self.layer_name!r} is managed by DeepSpeed ZeRO stage {stage}: the engine steps flat "
+                "fp32 copies of the parameters and writes them back behind autograd, so memwrap cannot move the updates "
+                "of its coords into the frozen weight, and the run would silently train a fixed low-rank adapter. "
+                "Nothing has been stepped. memwrap supports plain PyTorch loops, the Trainer and accelerate without "
+                "DeepSpeed, DDP and FSDP2 (fully_shard); for DeepSpeed, train the unwrapped model.")
+
     @torch.no_grad()
     def check_pending(self) -> None:
         """Before a forward: merge coords written outside an optimizer step (seen by their version counter), and
         now and then check for writes autograd cannot see. Host-side compares; a device sync only when coords changed."""
+        if not self._engine_checked:
+            self.check_engine()
         p = self.coords
         key = (id(p), p._version)
         if key != self._merged and key != self._seen:  # FSDP2 forwards see their unsharded copy: `_seen` is that one
