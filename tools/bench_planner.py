@@ -112,6 +112,14 @@ def tiny_models():
         head_dim=32, tie_word_embeddings=False, **common))
     yield "bert", lambda: AutoModelForMaskedLM.from_config(BertConfig(
         intermediate_size=256, attention_probs_dropout_prob=0.0, **common))
+    from transformers import GPT2Config, MixtralConfig
+
+    yield "gpt2", lambda: AutoModelForCausalLM.from_config(GPT2Config(
+        vocab_size=512, n_embd=128, n_layer=2, n_head=4, n_positions=256, attn_pdrop=0.0, bos_token_id=0,
+        eos_token_id=0))
+    yield "mixtral", lambda: AutoModelForCausalLM.from_config(MixtralConfig(
+        intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, num_key_value_heads=2,
+        router_aux_loss_coef=0.0, tie_word_embeddings=False, **common))
 
 
 def saved_table() -> str:

@@ -283,6 +283,15 @@ def _saved_input(names: list[str], plan: dict[str, LayerPlan], full_bytes_per_to
     return total
 
 
+def _layer_key(name: str) -> str:
+    """The layer a qualified name lives in ("model.layers.3.mlp.up_proj" -> "model.layers.3."), "" outside layers."""
+    parts = name.split(".")
+    for j, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:j + 1]) + "."
+    return ""
+
+
 def _names(weights: list[Weight], prefix: str, suffixes: tuple[str, ...]) -> list[str]:
     return [w.name for w in weights if w.kind == "linear" and w.name.startswith(prefix)
             and w.name.rsplit(".", 1)[-1] in suffixes]
@@ -324,6 +333,12 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
              "mlp activations": 0, "router": 0, "experts": 0, "residual stream": 0, "logits/loss": 0, "embeddings": 0}
 
     consumed: set[str] = set()
+    index: dict[str, list[Weight]] = {}  # weights by the layer they live in: each layer looks at its own only
+    for w in weights:
+        index.setdefault(_layer_key(w.name), []).append(w)
+
+    def names(prefix: str, suffixes: tuple[str, ...]) -> list[str]:
+        return _names(index.get(_layer_key(prefix), []), prefix, suffixes)
 
     def add_input(names, width, exact_reader=False):
         consumed.update(names)
@@ -356,10 +371,10 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             parts["residual stream"] += N * H * a  # ln_1's input
             parts["norms"] += layer_norm(H, N)
             attention_start = dict(parts)
-            add_input(_names(weights, pre + "attn.", ("c_attn",)), H)
+            add_input(names(pre + "attn.", ("c_attn",)), H)
             # sdpa keeps q, k, v (views of c_attn's output), its output (c_proj's input) and the logsumexp
             parts["attention"] += 3 * N * H * a + N * H * a + B * nh * T * FP32
-            add_input(_names(weights, pre + "attn.", ("c_proj",)), 0)  # exact: the sdpa output itself
+            add_input(names(pre + "attn.", ("c_proj",)), 0)  # exact: the sdpa output itself
             parts["residual stream"] += mask
             if attention_rc(i):  # GPT2Attention keeps ln_1's output
                 recomputed(attention_start, "attention")
@@ -368,10 +383,10 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             parts["residual stream"] += N * H * a  # ln_2's input
             parts["norms"] += layer_norm(H, N)
             mlp_start = dict(parts)
-            add_input(_names(weights, pre + "mlp.", ("c_fc",)), H)
+            add_input(names(pre + "mlp.", ("c_fc",)), H)
             # GELU (tanh form, Python ops) keeps its input, its tanh, x/2 and 1 + tanh; recomputed: its input only
             parts["mlp activations"] += (1 if act_recompute else 4) * N * I_ * a
-            add_input(_names(weights, pre + "mlp.", ("c_proj",)), I_)  # the GELU output
+            add_input(names(pre + "mlp.", ("c_proj",)), I_)  # the GELU output
             parts["residual stream"] += mask
             if mlp_rc(i):  # GPT2MLP keeps ln_2's output
                 recomputed(mlp_start, "mlp activations")
@@ -393,7 +408,7 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             parts["residual stream"] += N * H * norm_input  # this layer's input (the previous add, or the embedding)
             parts["norms"] += rms_norm(H, N)
             attention_start = dict(parts)
-            add_input(_names(weights, pre, ("q_proj", "k_proj", "v_proj")), H)
+            add_input(names(pre, ("q_proj", "k_proj", "v_proj")), H)
             q, k = N * nh * hd * a, N * nkv * hd * a
             att = 0
             if s.qk_norm:  # q_norm / k_norm over head_dim: keep q_proj/k_proj outputs (plus internals unless recomputed)
@@ -404,7 +419,7 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
                 att += 2 * (nh - nkv) * N * hd * a
             att += N * nh * hd * a + B * nh * T * FP32  # sdpa output and logsumexp
             parts["attention"] += att
-            add_input(_names(weights, pre, ("o_proj",)), 0)  # exact: the sdpa output itself (already counted)
+            add_input(names(pre, ("o_proj",)), 0)  # exact: the sdpa output itself (already counted)
             if attention_rc(i):
                 recomputed(attention_start, "attention")
             parts["residual stream"] += N * H * norm_input  # attention residual add
@@ -412,14 +427,14 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             mlp_start = dict(parts)
             is_moe = bool(s.moe_layers) and (i + 1) % max(moe_every, 1) == 0 and any(
                 w.name.startswith(pre + "mlp.experts") or w.name.startswith(pre + "block_sparse_moe.experts")
-                for w in weights)
+                for w in index.get(pre, []))
             if is_moe:
                 E, k_, Im = s.num_experts, s.top_k, s.moe_intermediate
                 R = N * k_  # routed (token, expert) rows
                 # router: linear saves its input (the norm output, exact), softmax (fp32) output, topk ids,
                 # the renormalisation's divisor and result, the gathered routing weight per row
                 parts["router"] += N * H * a + N * E * FP32 + N * k_ * INDEX_BYTES
-                exp_names = [w.name for w in weights if w.kind == "experts" and w.name.startswith(pre)]
+                exp_names = [w.name for w in index.get(pre, []) if w.kind == "experts"]
                 gu = next((n for n in exp_names if n.endswith("gate_up_proj")), None)
                 dn = next((n for n in exp_names if n.endswith("down_proj")), None)
                 ex = 3 * R * INDEX_BYTES + E * FP32 + R * a  # row/slot ids, group offsets, gathered routing weight
@@ -432,17 +447,17 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
                 if s.shared_intermediate:
                     sh = pre + "mlp.shared_expert."
                     # the shared expert reads the router's input (saved by the router anyway): only x̃ adds
-                    add_input(_names(weights, sh, ("gate_proj", "up_proj")) + _names(weights, pre + "mlp.",
+                    add_input(names(sh, ("gate_proj", "up_proj")) + names(pre + "mlp.",
                                                                                      ("shared_expert_gate",)), 0)
                     parts["mlp activations"] += (2 if act_recompute else 3) * N * s.shared_intermediate * a
-                    add_input(_names(weights, sh, ("down_proj",)), s.shared_intermediate)
+                    add_input(names(sh, ("down_proj",)), s.shared_intermediate)
                     parts["mlp activations"] += N * a + N * H * a  # sigmoid output, shared expert output
             else:
                 Id = s.intermediate
-                add_input(_names(weights, pre + "mlp.", ("gate_proj", "up_proj")), H)
+                add_input(names(pre + "mlp.", ("gate_proj", "up_proj")), H)
                 # gate out (SiLU), SiLU out and up out (the mul); with act(gate)·up recomputed: gate and up only
                 parts["mlp activations"] += (2 if act_recompute else 3) * N * Id * a
-                add_input(_names(weights, pre + "mlp.", ("down_proj",)), Id)
+                add_input(names(pre + "mlp.", ("down_proj",)), Id)
             if mlp_rc(i):
                 recomputed(mlp_start, "mlp activations")
             per_layer.append({k: parts[k] - before[k] for k in parts})
@@ -458,25 +473,25 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             before = dict(parts)
             pre = f"{bert}.encoder.layer.{i}."
             attention_start = dict(parts)
-            add_input(_names(weights, pre + "attention.self.", ("query", "key", "value")), H)  # the layer input
+            add_input(names(pre + "attention.self.", ("query", "key", "value")), H)  # the layer input
             parts["attention"] += 4 * N * H * a + B * nh * T * FP32  # sdpa: q, k, v, output, logsumexp
             if s.attention_dropout > 0:  # dropout in sdpa: the math path keeps the probabilities and the mask
                 parts["attention"] += B * nh * T * T * (2 * a)
-            add_input(_names(weights, pre + "attention.output.", ("dense",)), 0)  # exact: the sdpa output itself
+            add_input(names(pre + "attention.output.", ("dense",)), 0)  # exact: the sdpa output itself
             parts["residual stream"] += N * H * a + mask  # add (LayerNorm's input), dropout mask
             parts["norms"] += layer_norm(H, N)
             if attention_rc(i):  # BertAttention (self-attention, output dense, LayerNorm) keeps its input
                 recomputed(attention_start, "attention")
             mlp_start = dict(parts)
-            add_input(_names(weights, pre + "intermediate.", ("dense",)), H)
+            add_input(names(pre + "intermediate.", ("dense",)), H)
             parts["mlp activations"] += N * s.intermediate * a  # dense output, saved by GELU
             if mlp_rc(i):  # BertIntermediate (dense + GELU) keeps its input
                 recomputed(mlp_start, "mlp activations")
-            add_input(_names(weights, pre + "output.", ("dense",)), s.intermediate)  # GELU output
+            add_input(names(pre + "output.", ("dense",)), s.intermediate)  # GELU output
             parts["residual stream"] += N * H * a + mask
             parts["norms"] += layer_norm(H, N)
             per_layer.append({k: parts[k] - before[k] for k in parts})
-        add_input(_names(weights, "cls.predictions.transform.", ("dense",)), H)
+        add_input(names("cls.predictions.transform.", ("dense",)), H)
         parts["mlp activations"] += N * H * a + N * H * a  # dense output (GELU), GELU output (LayerNorm)
         parts["norms"] += layer_norm(H, N)
         lm_in = N * H * a  # the (tied, exact) decoder saves the transform's output

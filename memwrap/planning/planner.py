@@ -18,6 +18,7 @@ asks the user to do anything: `wrap` installs every measure it names (memwrap.co
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass, replace
@@ -30,7 +31,17 @@ from ..compress import inject
 from ..compress.projection import estimator_relative_variance
 from ..config import LayerPlan, Plan, WrapConfig, _fmt_bytes
 from ..errors import BudgetTooSmallError, InvalidSettingsError
-from .estimate import Estimate, ModelShape, Weight, dtype_from_name, enumerate_weights, estimate, load_config, meta_model
+from .estimate import (
+    BUNDLED,
+    Estimate,
+    ModelShape,
+    Weight,
+    dtype_from_name,
+    enumerate_weights,
+    estimate,
+    load_config,
+    meta_model,
+)
 
 LEVELS = (1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128)  # c·r / m, finest first
 PREFERRED_RANK = 8
@@ -39,6 +50,7 @@ DEFAULT_SEQ_LEN = 2048
 PLAN_OPTIMIZER = "adamw"  # the plan assumes AdamW moments on coords (memwrap.optimizer's ProjFactor needs less)
 
 
+@functools.lru_cache(maxsize=4096)
 def settings_at(m: int, fraction: float) -> tuple[int, int]:
     """(c, r) with c | m, r ≤ m/c and c·r as close to fraction·m as possible from below, r near PREFERRED_RANK."""
     target = max(1, int(m * fraction))
@@ -458,6 +470,9 @@ class ModelSketch:
     head: Target | None = None  # the output head, when the planner may compress it (head="auto")
 
 
+_SKETCHES: dict[tuple, ModelSketch] = {}  # bundled configs never change: their sketches are kept (a few KB each)
+
+
 def sketch(model: str, config: WrapConfig | None = None, compress_experts: bool | None = None) -> ModelSketch:
     """Read a config (bundled name, local directory, hub id) and enumerate its weights on the meta device.
 
@@ -466,6 +481,16 @@ def sketch(model: str, config: WrapConfig | None = None, compress_experts: bool 
     config = config or WrapConfig()
     if compress_experts is None:
         compress_experts = experts_supported()
+    key = (model.strip().lower(), config, compress_experts)
+    if key[0] in BUNDLED and key in _SKETCHES:
+        return _SKETCHES[key]
+    got = _sketch(model, config, compress_experts)
+    if key[0] in BUNDLED:
+        _SKETCHES[key] = got
+    return got
+
+
+def _sketch(model: str, config: WrapConfig, compress_experts: bool) -> ModelSketch:
     hf_config = load_config(model)
     meta = meta_model(hf_config)
     adapter = resolve(meta)
