@@ -228,3 +228,38 @@ def test_rank_and_granularity_per_layer_spend_the_budget_between_two_levels():
                  if (lp.group or lp.name) == nxt else lp for lp in plan.layers)
     assert planner.best_at(sk.shape, sk.weights, more, budget_bytes=int(budget), batch=8, seq=2048, dtype_bytes=2,
                            param_bytes=2, optimizer=plan.optimizer, coords_bytes=2) is None
+
+
+@pytest.mark.parametrize("kind", ["adamw", "projfactor"])
+def test_bf16_resume_keeps_fp32_second_moments_and_is_bit_identical(kind, tmp_path):
+    """torch's load_state_dict casts state to the parameter's dtype: memwrap's optimizer keeps the fp32 second moments
+    of bf16 coords as saved, so a resumed bf16 run (across a refresh of P) equals the uninterrupted one bit for bit."""
+    def run(model, opt, steps):
+        for i in steps:
+            ids = token_batch(seed=i)
+            model(input_ids=ids, labels=ids).loss.float().backward()
+            opt.step()
+            opt.zero_grad()
+
+    full = tiny_llama().to(torch.bfloat16)
+    memwrap.wrap(full, rank=4, granularity=4, refresh_every=3)
+    opt = memwrap.optimizer(full, lr=1e-2, kind=kind)
+    run(full, opt, range(8))
+
+    first = tiny_llama().to(torch.bfloat16)
+    memwrap.wrap(first, rank=4, granularity=4, refresh_every=3)
+    opt1 = memwrap.optimizer(first, lr=1e-2, kind=kind)
+    run(first, opt1, range(4))
+    memwrap.save(first, tmp_path / "ckpt", optimizer=opt1)
+
+    resumed = tiny_llama(seed=7).to(torch.bfloat16)
+    memwrap.wrap(resumed, rank=4, granularity=4, refresh_every=3)
+    memwrap.load(resumed, tmp_path / "ckpt")
+    opt2 = memwrap.optimizer(resumed, lr=1e-2, kind=kind)
+    memwrap.load_optimizer(opt2, tmp_path / "ckpt")
+    second = "exp_avg_sq" if kind == "adamw" else "v_row"
+    dtypes = {(k, v.dtype) for st in opt2.state.values() for k, v in st.items() if k in ("exp_avg", second)}
+    assert ("exp_avg", torch.bfloat16) in dtypes and (second, torch.float32) in dtypes
+    run(resumed, opt2, range(4, 8))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

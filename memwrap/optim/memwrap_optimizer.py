@@ -158,8 +158,23 @@ class MemwrapOptimizer(torch.optim.Optimizer):
                                               keeps_rows=True)
 
     def load_state_dict(self, state_dict) -> None:
-        """Restore state and move every compressed module to the refresh index of the restored step count."""
+        """Restore state and move every compressed module to the refresh index of the restored step count.
+
+        torch casts every floating state tensor to its parameter's dtype; a bf16 model's coords are bf16 while their
+        second moments are fp32 (β2 = 0.999 would stall in bf16), so those keep the dtype they were saved in."""
+        saved = state_dict["state"]
         super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        compressed = {id(p) for g in self.param_groups if g.get("compressed") for p in g["params"]}
+        for index, values in saved.items():
+            p = params[int(index)]
+            if id(p) not in compressed:
+                continue
+            state = self.state[p]
+            for key, value in values.items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point() \
+                        and key in state and state[key].dtype != value.dtype:
+                    state[key] = value.to(device=state[key].device)
         merge.sync(self)
 
     @torch.no_grad()
