@@ -68,6 +68,8 @@ def main() -> None:
         keep = set(args.only.split(","))
         runs = [s for s in runs if s.name in keep or s.name == "AdamW"]
     eval_at = tuple(s for s in (100, 200, 300) if s <= args.steps) or (args.steps,)
+    if args.steps > eval_at[-1]:  # long runs are judged at their end too (the gap to AdamW grows with steps)
+        eval_at += (args.steps,)
     config = llama_config(hidden=256, layers=4, intermediate=768, heads=4)
     print(f"Llama-shaped: 4 layers, hidden 256, intermediate 768, byte vocab 256; batch {args.batch_size} x "
           f"{args.seq_len}; lr {args.lr} unless a row says otherwise, refresh_every {args.refresh_every}, "

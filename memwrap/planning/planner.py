@@ -268,6 +268,8 @@ def refine(shape, weights, choice: Choice, index: int, *, budget_bytes, batch, s
             hi = mid - 1
     if best is None:
         return choice
+    if lo == len(groups):  # every group moved (the coarser level fits with this optimizer and head): one level again
+        return replace(best, level=coarser, head=choice.head)
     return replace(best, level=choice.level, head=choice.head, moved=(lo, len(groups), coarser))
 
 
