@@ -159,6 +159,14 @@ def register_first_moment(names, keys, module: str = "", carry=None) -> None:
     """
     from .compress import merge
 
+    names, keys = _as_tuple(names, "names"), _as_tuple(keys, "keys")
+    if not names or keys is None:
+        raise InvalidSettingsError(f"names={names!r} and keys={keys!r}: pass the optimizer's class name(s), e.g. "
+                                   "'Lion', and the state keys of its first moment ([] if it has none).")
+    if not isinstance(module, str):
+        raise InvalidSettingsError(f"module={module!r} must be a string (a module-name prefix, '' for any).")
+    if carry is not None and not callable(carry):
+        raise InvalidSettingsError(f"carry={carry!r} must be a function carry(state, keys, T) or None.")
     merge.register_first_moment(names, keys, module, carry)
 
 

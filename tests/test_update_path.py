@@ -500,3 +500,13 @@ def test_importing_memwrap_installs_no_hook():
             "print(len(o._global_optimizer_pre_hooks), len(o._global_optimizer_post_hooks))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["0", "0"], out.stderr
+
+
+@pytest.mark.parametrize("args", [dict(names=[], keys=["m"]), dict(names=None, keys=["m"]), dict(names="X", keys=None),
+                                  dict(names=["X", 3], keys=["m"]), dict(names="X", keys=["m"], module=None),
+                                  dict(names="X", keys=["m"], carry="not a function")])
+def test_register_first_moment_checks_its_arguments(args):
+    before = list(memwrap.compress.merge.FIRST_MOMENTS)
+    with pytest.raises(memwrap.errors.InvalidSettingsError):
+        memwrap.register_first_moment(**args)
+    assert memwrap.compress.merge.FIRST_MOMENTS == before  # nothing registered
