@@ -269,14 +269,12 @@ class CompressedWeight:
         """Once, at the first forward: refuse engines that step flat copies of the parameters and write them back
         behind autograd (DeepSpeed ZeRO), before any update could be lost."""
         self._engine_checked = True
-        p = self.coords
-        if getattr(p, "placements", None) is not None:  # FSDP2's DTensor: supported
-            return
+        p = self.coords  # (FSDP2's forward sees an unsharded view into its all-gather buffer: supported, not flagged)
         stage = None
-        if hasattr(p, "ds_id"):
+        if hasattr(p, "ds_id"):  # ZeRO-3 partitions every parameter
             stage = "3"
-        elif not is_released(p) and (p.storage_offset() or p.untyped_storage().nbytes() > p.numel() * p.element_size()):
-            stage = "1 or 2 (or another engine that flattens parameters into one buffer)"
+        elif hasattr(p, "_hp_mapping") or hasattr(p, "get_full_hp_param"):  # ZeRO 1/2: a link to the fp32 master
+            stage = "1 or 2"
         if stage is not None:
             raise UnsupportedEngineError(
                 f"wrapped layer {self.layer_name!r} is managed by DeepSpeed ZeRO stage {stage}: the engine steps flat "

@@ -163,12 +163,13 @@ class MemwrapOptimizer(torch.optim.Optimizer):
         torch casts every floating state tensor to its parameter's dtype; a bf16 model's coords are bf16 while their
         second moments are fp32 (β2 = 0.999 would stall in bf16), so those keep the dtype they were saved in."""
         saved = state_dict["state"]
+        keys = [k for g in state_dict["param_groups"] for k in g["params"]]  # indices, or names (DCP)
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
+        by_key = dict(zip(keys, (p for g in self.param_groups for p in g["params"]), strict=False))
         compressed = {id(p) for g in self.param_groups if g.get("compressed") for p in g["params"]}
-        for index, values in saved.items():
-            p = params[int(index)]
-            if id(p) not in compressed:
+        for key_, values in saved.items():
+            p = by_key.get(key_)
+            if p is None or id(p) not in compressed:
                 continue
             state = self.state[p]
             for key, value in values.items():
