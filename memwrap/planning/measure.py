@@ -8,6 +8,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..compress.base import local
+
 
 class SavedTensorMeter:
     """Counts the bytes autograd saves for backward inside the context (each storage counted once).
@@ -54,14 +56,9 @@ def storage_bytes(tensors) -> int:
     seen: dict[int, int] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            st = local_tensor(t).untyped_storage()
+            st = local(t).untyped_storage()
             seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
     return sum(seen.values())
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def grad_bytes(model: nn.Module) -> int:
