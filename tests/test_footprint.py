@@ -263,3 +263,21 @@ def test_bf16_resume_keeps_fp32_second_moments_and_is_bit_identical(kind, tmp_pa
     run(resumed, opt2, range(4, 8))
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_under_a_launcher_coords_are_released_at_the_first_step_not_before(monkeypatch):
+    """torchrun (or any launcher) sets WORLD_SIZE before the process group exists; DDP, built later, broadcasts into
+    every parameter, which a released coords cannot take. So there memwrap.optimizer waits for its first step."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = tiny_llama()
+    memwrap.wrap(model, rank=4, granularity=4)
+    opt = memwrap.optimizer(model, lr=1e-3)
+    units = merge.units_of(model)
+    assert not any(base.is_released(u.coords) for u in units)
+    with torch.no_grad():  # what DDP's broadcast does to every parameter
+        for u in units:
+            u.coords.copy_(torch.zeros_like(u.coords))
+    ids = token_batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert all(base.is_released(u.coords) for u in units)

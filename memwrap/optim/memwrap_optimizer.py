@@ -27,6 +27,7 @@ ProjFactor's two means over the rows n (the column factor and the row normaliser
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -134,7 +135,9 @@ class MemwrapOptimizer(torch.optim.Optimizer):
             groups.append({"params": plain, "weight_decay": 0.0})
         opt = cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, kind=kind,
                   error_feedback=error_feedback)
-        if not (dist.is_available() and dist.is_initialized()):  # DDP may yet broadcast into them: wait for step 1
+        # in a distributed run (a process group, or a launcher's WORLD_SIZE before it exists) DDP may yet broadcast
+        # into them when it wraps the model: release them at the first step instead
+        if not ((dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1):
             for m in compressed:
                 opt._release_tried.add(id(m.coords))
                 release(m.coords)
