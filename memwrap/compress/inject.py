@@ -122,15 +122,14 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter, *,
         if head is not None and all(c.module is not head.module for c in out):
             out.append(head)
     elif config.head == "exact":
-        out = [c for c in out if c.module is not getattr(model, "get_output_embeddings", lambda: None)()]
+        out = [c for c in out if c.module is not loss.output_head(model)]
     return out, skipped
 
 
 def head_candidate(model: nn.Module, adapter, *, allow_meta: bool = False) -> Candidate | None:
     """The causal LM's output head as a candidate (wrap's default exclude leaves it out): a plain, trainable,
     untied nn.Linear; None otherwise (tied to the embeddings, subclassed, quantized, frozen, absent)."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
+    head = loss.output_head(model)
     if type(head) is not nn.Linear:
         return None
     w = head.weight
@@ -288,7 +287,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[CompressedLinear]:
     loss_chunk = savings.pop("loss_chunk")
     blocks.install(model, blocks.find_savings(model, resolve(model), **savings))
     loss.install(model, loss_chunk)
-    head = getattr(model, "get_output_embeddings", lambda: None)()
+    head = loss.output_head(model)
     for _, m in built:
         m.is_head = m is head
     loss.guard_head(model)

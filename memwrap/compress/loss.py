@@ -29,6 +29,12 @@ from .linear import CompressedLinear
 LOSS_ATTR = "_memwrap_chunked_loss"  # on a model with the chunked loss: the chunk size in rows
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (transformers' get_output_embeddings), None for a model without one."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     """Σ over rows of CE(x Wᵀ + b, t) / divisor, `chunk` rows at a time; saves x (N, H) and the targets only.
 
@@ -156,7 +162,7 @@ class ChunkedLossForward:
 
 def can_chunk(model: nn.Module) -> bool:
     """A causal LM whose loss is transformers' ForCausalLM and whose head is a plain (or compressed) linear layer."""
-    head = getattr(model, "get_output_embeddings", lambda: None)()
+    head = output_head(model)
     plain = type(head) is nn.Linear or (isinstance(head, CompressedLinear) and not head.transposed)
     return plain and hasattr(type(model), "loss_function") \
         and getattr(getattr(model, "config", None), "is_encoder_decoder", False) is False \
@@ -212,7 +218,7 @@ def _refuse_fused_head(model, args, kwargs):
 
 def guard_head(model: nn.Module) -> None:
     """With a compressed output head: refuse callers that bypass the head's forward (TRL's fused_lm_head=True)."""
-    head = getattr(model, "get_output_embeddings", lambda: None)()
+    head = output_head(model)
     if isinstance(head, CompressedLinear) and GUARD_ATTR not in model.__dict__:
         handle = model.register_forward_pre_hook(_refuse_fused_head, with_kwargs=True)
         object.__setattr__(model, GUARD_ATTR, handle)

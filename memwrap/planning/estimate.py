@@ -23,6 +23,7 @@ from torch import nn
 
 from ..compress.base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES
 from ..compress.inject import is_conv1d, name_matches, tied_parameter_ids
+from ..compress.loss import output_head
 from ..config import LayerPlan, WrapConfig
 from ..errors import InvalidSettingsError
 
@@ -191,8 +192,7 @@ def enumerate_weights(model: nn.Module, exclude=("lm_head",)) -> list[Weight]:
     tied = tied_parameter_ids(model)
     out: list[Weight] = []
     taken: set[int] = set()
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = output_head(model)
     for mname, mod in model.named_modules():
         if mod is head and type(mod) is nn.Linear and mname and id(mod.weight) not in tied:
             out.append(Weight(mname, mod.weight.numel(), "linear", mod.in_features, mod.out_features,
