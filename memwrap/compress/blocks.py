@@ -26,8 +26,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidSettingsError
+from .elementwise import ActFn, act_kind, gated_act, norm_mode, rms_norm
 
 SAVINGS_ATTR = "_memwrap_saving"  # on a module whose forward memwrap replaced: the kind ("norm", "act", ...)
+FORMULA_ATTR = "_memwrap_formula"  # on fused experts: the act(gate)·up formula their forward uses (or None)
 
 
 def recompute(fn, *args, **kwargs):
@@ -42,25 +44,37 @@ def _own_forward(module: nn.Module):
 
 
 class SavingForward:
-    """The replacement `forward` of one module instance (picklable: it holds the module and the kind, no bound method)."""
+    """The replacement `forward` of one module instance (picklable: it holds the module, the kind and the formula
+    found at wrap time, no bound method). `formula` names the hand-written backward the module matches
+    (elementwise.norm_mode / act_kind); None recomputes the module's own ops in backward instead (checkpoint)."""
 
-    def __init__(self, module: nn.Module, kind: str):
-        self.module, self.kind = module, kind
+    def __init__(self, module: nn.Module, kind: str, formula: str | None = None):
+        self.module, self.kind, self.formula = module, kind, formula
 
     @property
     def __signature__(self) -> inspect.Signature:  # callers that inspect forward see the module's own parameters
         return inspect.signature(_own_forward(self.module))
 
     def __call__(self, *args, **kwargs):
-        m = self.module
-        if self.kind in ("norm", "whole"):  # the module's own forward, recomputed in backward
-            return recompute(_own_forward(m), *args, **_without_cache(kwargs) if self.kind == 'whole' else kwargs)
+        m, formula = self.module, self.__dict__.get("formula")
+        if self.kind == "whole":  # the module's own forward, recomputed in backward
+            return recompute(_own_forward(m), *args, **_without_cache(kwargs))
+        if self.kind == "norm":
+            return rms_norm(m, *args, formula) if formula else recompute(_own_forward(m), *args, **kwargs)
+        if self.kind == "act":  # an activation written in Python ops (GPT-2's GELU): keeps its input only
+            (x,) = args
+            return ActFn.apply(x, _own_forward(m), formula) if formula else recompute(_own_forward(m), x)
         if self.kind == "gated":  # LlamaMLP and kin: down(act(gate(x)) * up(x))
             (x,) = args
-            return m.down_proj(recompute(_gated, m.act_fn, m.gate_proj(x), m.up_proj(x)))
+            gate, up = m.gate_proj(x), m.up_proj(x)
+            h = gated_act(m.act_fn, formula, gate, up) if formula else recompute(_gated, m.act_fn, gate, up)
+            return m.down_proj(h)
         if self.kind == "fused-gated":  # Phi-3: gate and up in one projection
             (x,) = args
-            return m.down_proj(recompute(_fused_gated, m.activation_fn, m.gate_up_proj(x)))
+            gate_up = m.gate_up_proj(x)
+            h = gated_act(m.activation_fn, formula, gate_up) if formula else recompute(_fused_gated,
+                                                                                         m.activation_fn, gate_up)
+            return m.down_proj(h)
         raise AssertionError(self.kind)
 
 
@@ -92,7 +106,7 @@ class Saving:
     """One module whose forward memwrap replaces: its qualified name and the kind of replacement."""
 
     name: str
-    kind: str  # "norm" | "gated" | "fused-gated" | "whole" | "experts-act"
+    kind: str  # "norm" | "act" | "gated" | "fused-gated" | "whole" | "experts-act"
     part: str  # "norm" | "mlp" | "attention" | "layer" | "act"
 
 
@@ -150,7 +164,7 @@ def find_savings(model: nn.Module, adapter, *, norms: str = "recompute", mlp: st
                 if sub_name and _mlp_kind(sub) is not None and kind is None:
                     out.append(Saving(full, _mlp_kind(sub), "mlp"))
                 elif sub_name and _python_gelu(sub):
-                    out.append(Saving(full, "whole", "act"))
+                    out.append(Saving(full, "act", "act"))
     return out
 
 
@@ -173,15 +187,42 @@ def layer_names(model: nn.Module, which) -> list[str]:
 
 
 # ---- install / restore ------------------------------------------------------------------------------------
-def _check_same_output(module: nn.Module, forward: SavingForward, kind: str) -> bool:
-    """The replacement gives the module's own output, bit for bit, on a random input (norms and MLPs)."""
-    if kind == "whole":
-        return True  # the module's own forward, recomputed: identical by construction
+def _formula(module: nn.Module, kind: str) -> str | None:
+    """The hand-written backward a module matches (see elementwise), or None to recompute its own ops instead."""
+    param = next(module.parameters(), None)
     if kind == "norm":
-        width = module.weight.shape[-1]
-    else:
-        first = module.gate_proj if kind == "gated" else module.gate_up_proj
-        width = first.in_features if isinstance(first, nn.Linear) else first.weight.shape[-1]
+        return norm_mode(module)
+    if kind == "act":  # a Python-op activation: its output stays its own; the derivative is the closed form's
+        return act_kind(_own_forward(module), torch.zeros((), dtype=torch.float32), exact=False)
+    if kind in ("gated", "fused-gated") and param is not None:
+        return act_kind(module.act_fn if kind == "gated" else module.activation_fn, param)
+    if kind == "experts-act" and param is not None:
+        return _experts_gate_formula(module, param)
+    return None
+
+
+def _experts_gate_formula(experts: nn.Module, like: torch.Tensor) -> str | None:
+    """Fused experts whose `_apply_gate` is act(gate)·up on the halves of gate_up (transformers' default)."""
+    kind = act_kind(experts.act_fn, like) if experts.has_gate and hasattr(experts, "act_fn") else None
+    if kind is None:
+        return None
+    g = torch.Generator(device=like.device).manual_seed(1)
+    gate_up = torch.randn(7, 16, generator=g, device=like.device).to(like.dtype)
+    with torch.no_grad():
+        try:
+            same = torch.equal(experts._apply_gate(gate_up), gated_act(experts.act_fn, kind, gate_up))
+        except (TypeError, RuntimeError, ValueError):
+            return None
+    return kind if same else None
+
+
+def _check_same_output(module: nn.Module, forward: SavingForward, kind: str) -> bool:
+    """The replacement gives the module's own output, bit for bit, on a random input (MLPs; a norm's and an
+    activation's formula were matched on their own)."""
+    if kind not in ("gated", "fused-gated"):
+        return True
+    first = module.gate_proj if kind == "gated" else module.gate_up_proj
+    width = first.in_features if isinstance(first, nn.Linear) else first.weight.shape[-1]
     param = next(module.parameters())
     if param.device.type == "meta":
         return True
@@ -201,11 +242,13 @@ def install(model: nn.Module, savings: list[Saving]) -> list[Saving]:
         module = model.get_submodule(s.name)
         if SAVINGS_ATTR in module.__dict__:
             continue
+        formula = _formula(module, s.kind)
         if s.kind == "experts-act":  # memwrap's experts forward recomputes act(gate)·up when it sees the mark
             object.__setattr__(module, SAVINGS_ATTR, s.part)
+            object.__setattr__(module, FORMULA_ATTR, formula)
             done.append(s)
             continue
-        forward = SavingForward(module, s.kind)
+        forward = SavingForward(module, s.kind, formula)
         if not _check_same_output(module, forward, s.kind):
             continue
         module.forward = forward
@@ -222,6 +265,7 @@ def restore(model: nn.Module) -> int:
             if isinstance(module.__dict__.get("forward"), SavingForward):
                 del module.forward
             object.__delattr__(module, SAVINGS_ATTR)
+            module.__dict__.pop(FORMULA_ATTR, None)
             count += 1
     return count
 

@@ -20,7 +20,8 @@ from torch import nn
 from ..errors import UnsupportedArchitectureError
 from . import merge
 from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype
-from .blocks import SAVINGS_ATTR, recompute
+from .blocks import FORMULA_ATTR, SAVINGS_ATTR, recompute
+from .elementwise import gated_act
 
 IMPLEMENTATION = "memwrap"
 UNITS_ATTR = "_memwrap_experts"  # {param name: ExpertsUnit} on a wrapped experts module
@@ -163,7 +164,11 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     if self.has_bias:
         h = h + getattr(self, up.pname + "_bias")[expert_ids_g]
     act = self._apply_gate if self.has_gate else self.act_fn
-    h = recompute(act, h) if SAVINGS_ATTR in self.__dict__ else act(h)  # (S, I); recompute: keep only its input
+    formula = self.__dict__.get(FORMULA_ATTR)
+    if formula:  # act(gate)·up keeping only gate_up, hand-written backward
+        h = gated_act(self.act_fn, formula, h)
+    else:  # (S, I); recompute: keep only its input
+        h = recompute(act, h) if SAVINGS_ATTR in self.__dict__ else act(h)
     h_tilde = down.group.compress(h, cdt, down.refresh_index).reshape(h.shape[0], -1)
     out = _project(down, h, h_tilde, offs, cdt)  # (S, H)
     if self.has_bias:
