@@ -118,7 +118,7 @@ def wrap(
 
         the_plan = planner.plan_for_model(model, config, budget_gb=budget_gb, batch_size=batch_size, seq_len=seq_len,
                                           dtype_bytes=_activation_dtype_bytes(model, activation_dtype))
-    blocks.layer_names(model, the_plan.checkpoint_layers)  # InvalidSettingsError for layers the model lacks, first
+    blocks.check_options(model, the_plan.savings)  # InvalidSettingsError for options the model cannot take, first
     modules = inject.apply_plan(model, the_plan)
     monitor = None
     if the_plan.memory:  # compare with the measurement after the first step

@@ -16,7 +16,8 @@ PROJECTIONS = ("stiefel", "gaussian", "rademacher")  # kinds of random projectio
 # what a block keeps for backward besides linear inputs (memwrap.compress.blocks); every option is exact
 NORM_OPTIONS = ("keep", "recompute")  # recompute: an RMSNorm keeps only its input
 MLP_OPTIONS = ("keep", "act", "recompute")  # act: act(gate)·up recomputed; recompute: the whole MLP keeps its input
-ATTENTION_OPTIONS = ("keep", "recompute")  # recompute: the attention module keeps only its input
+# recompute: the attention module keeps only its input; int8/fp8: SDPA keeps 8-bit q, k, v (lossy gradients, opt-in)
+ATTENTION_OPTIONS = ("keep", "recompute", "int8", "fp8")
 # the causal-LM output head (an untied lm_head): "auto" compresses it only where the budget needs it (the planner),
 # "exact" never, "compress" always
 HEAD_OPTIONS = ("auto", "exact", "compress")

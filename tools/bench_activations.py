@@ -6,7 +6,8 @@ Bytes: everything a training forward leaves alive for backward, measured with a 
 "predicted" is the byte model (memwrap.planning.estimate) for the families it has formulas for. Time: every run
 steps once per round, rounds alternate the order, so each ratio sees the same machine load. Loss: after the timed
 steps on the same batches; Δloss is against the run with the same gradients (HF ckpt vs plain AdamW, every memwrap
-option vs memwrap with linears only): the options are exact, so any difference there is a bug.
+option vs memwrap with linears only): the exact options differ only by rounding (the hand-written norm and
+activation backward); the 8-bit attention rows show what their lossy gradients cost.
 
     python tools/bench_activations.py                 # all families, 12 timed steps each
     python tools/bench_activations.py --steps 4 --families llama
@@ -33,6 +34,9 @@ OPTIONS = {  # name -> wrap kwargs (None: plain model; "hf-ckpt": plain model + 
     "+ attention recompute": {"attention": "recompute"},
     "+ mlp and attention": {"mlp": "recompute", "attention": "recompute"},
     "+ every layer ckpt": {"checkpoint_layers": "all"},
+    "+ attention int8 (lossy)": {"attention": "int8"},
+    "+ attention fp8 (lossy)": {"attention": "fp8"},
+    "+ mlp recompute, attn int8": {"mlp": "recompute", "attention": "int8"},
 }
 MODELED = ("llama", "gpt2", "bert", "qwen3_moe", "mixtral")  # families the byte model has formulas for
 
@@ -120,8 +124,9 @@ def bundled_predictions(dtype: str = "bf16", batch: int = 8, seq: int = 2048, le
     from memwrap.planning import planner
 
     a = est.dtype_from_name(dtype)[1]
-    rows = {"linears only": {"norms": "keep", "mlp": "keep"}, "default": {},
-            "mlp and attention": {"mlp": "recompute", "attention": "recompute"}, "every layer ckpt": {"checkpoint_layers": "all"}}
+    rows = {"linears only": {"norms": "keep", "mlp": "keep"}, "default": {}, "attention int8": {"attention": "int8"},
+            "mlp and attention": {"mlp": "recompute", "attention": "recompute"},
+            "every layer ckpt": {"checkpoint_layers": "all"}}
     head = f"{'model':<18}{'plain GB':>10}" + "".join(f"{k:>19}" for k in rows)
     lines = [f"byte model, {dtype}, batch {batch} × seq_len {seq}, c·r/m = 1/{round(1 / level)}", head, "-" * len(head)]
     for name in ("llama-2-7b", "qwen3-30b-a3b", "mixtral-8x7b"):

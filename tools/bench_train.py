@@ -38,6 +38,8 @@ def specs(lr: float, refresh_every: int, sweep_lrs: tuple[float, ...] = ()) -> l
                 "lm_head compressed too (what a tight plan does)"),
         RunSpec("torch AdamW c4 r8", wrap(4, 8), torch_adamw, "user's torch.optim.AdamW on coords"),
         RunSpec("ProjFactor+EF c4 r8", wrap(4, 8), mw_opt(error_feedback=True), "error_feedback=True"),
+        RunSpec("ProjFactor c4 r8 attn int8", wrap(4, 8, attention="int8"), mw_opt(), "attention='int8' (lossy)"),
+        RunSpec("ProjFactor c4 r8 attn fp8", wrap(4, 8, attention="fp8"), mw_opt(), "attention='fp8' (lossy)"),
     ]
     for c, r in ((1, 32), (16, 2), (32, 1)):  # granularity sweep at fixed c·r = 32
         out.append(RunSpec(f"ProjFactor c{c} r{r}", wrap(c, r), mw_opt(), "granularity sweep, c·r = 32"))

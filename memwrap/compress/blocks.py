@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidSettingsError
+from .attention import FORMATS, RouteSDPA
 from .elementwise import ActFn, act_kind, gated_act, norm_mode, rms_norm
 
 SAVINGS_ATTR = "_memwrap_saving"  # on a module whose forward memwrap replaced: the kind ("norm", "act", ...)
@@ -58,7 +59,11 @@ class SavingForward:
     def __call__(self, *args, **kwargs):
         m, formula = self.module, self.__dict__.get("formula")
         if self.kind == "whole":  # the module's own forward, recomputed in backward
-            return recompute(_own_forward(m), *args, **_without_cache(kwargs))
+            args, kwargs = _without_cache(args, kwargs)
+            return recompute(_own_forward(m), *args, **kwargs)
+        if self.kind in FORMATS:  # attention whose SDPA keeps 8-bit q, k, v
+            with RouteSDPA(self.kind):
+                return _own_forward(m)(*args, **kwargs)
         if self.kind == "norm":
             return rms_norm(m, *args, formula) if formula else recompute(_own_forward(m), *args, **kwargs)
         if self.kind == "act":  # an activation written in Python ops (GPT-2's GELU): keeps its input only
@@ -78,17 +83,19 @@ class SavingForward:
         raise AssertionError(self.kind)
 
 
-def _without_cache(kwargs: dict) -> dict:
-    """A recomputed attention or layer must not write a KV cache twice (HF's checkpointing drops it the same way)."""
+def _without_cache(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A recomputed attention or layer must not write a KV cache twice, nor keep it alive (transformers' own
+    checkpointing passes no cache the same way): anything that acts as a cache becomes None, positional or not."""
     if not torch.is_grad_enabled():
-        return kwargs
+        return args, kwargs
+    args = tuple(None if hasattr(a, "get_seq_length") else a for a in args)
     out = dict(kwargs)
     for key, value in kwargs.items():  # past_key_values, cache, layer_past: anything that acts as a KV cache
         if hasattr(value, "get_seq_length") or key in ("past_key_values", "past_key_value", "layer_past"):
             out[key] = None
     if "use_cache" in out:
         out["use_cache"] = False
-    return out
+    return args, out
 
 
 def _gated(act, gate, up):
@@ -106,7 +113,7 @@ class Saving:
     """One module whose forward memwrap replaces: its qualified name and the kind of replacement."""
 
     name: str
-    kind: str  # "norm" | "act" | "gated" | "fused-gated" | "whole" | "experts-act"
+    kind: str  # "norm" | "act" | "gated" | "fused-gated" | "whole" | "experts-act" | "int8" | "fp8"
     part: str  # "norm" | "mlp" | "attention" | "layer" | "act"
 
 
@@ -147,6 +154,8 @@ def find_savings(model: nn.Module, adapter, *, norms: str = "recompute", mlp: st
                 out.append(Saving(name, "norm", "norm"))
     if attention == "recompute":
         out += [Saving(n, "whole", "attention") for n in parts["attention"] if not inside_layer(n)]
+    elif attention in FORMATS:  # SDPA keeps 8-bit q, k, v
+        out += [Saving(n, attention, "attention") for n in parts["attention"] if not inside_layer(n)]
     for name in parts["mlp"]:
         module = model.get_submodule(name)
         if mlp == "recompute" and not inside_layer(name):
@@ -166,6 +175,20 @@ def find_savings(model: nn.Module, adapter, *, norms: str = "recompute", mlp: st
                 elif sub_name and _python_gelu(sub):
                     out.append(Saving(full, "act", "act"))
     return out
+
+
+def check_options(model: nn.Module, savings: dict) -> None:
+    """InvalidSettingsError for options this model cannot take (checked before anything changes)."""
+    layer_names(model, savings.get("checkpoint_layers", ()))
+    attention = savings.get("attention", "keep")
+    if attention in FORMATS:
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if impl != "sdpa":
+            raise InvalidSettingsError(
+                f"attention={attention!r} stores SDPA's inputs in 8 bits, but this model uses attn_implementation="
+                f"{impl!r}; load it with attn_implementation='sdpa', or use attention='recompute' (exact).")
+        if attention == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+            raise InvalidSettingsError("attention='fp8' needs torch.float8_e4m3fn (torch >= 2.1); use 'int8'.")
 
 
 def layer_names(model: nn.Module, which) -> list[str]:

@@ -348,6 +348,11 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
         parts["compressed inputs"] += N * comp
         parts["linear inputs (exact)"] += N * (per_tok - comp)
 
+    scale_b = a if a in (2, FP32) else FP32  # an 8-bit row's scale: bf16 or fp32 (fp16 activations: fp32 scales)
+
+    def quantized(rows: int, width: int) -> int:  # attention="int8"/"fp8": 8-bit values and one scale per row
+        return rows * (width + scale_b)
+
     def recomputed(since: dict, part: str) -> None:
         """A region recomputed in backward: drop what it kept since `since`, keep only its input (N × H)."""
         parts.update(since)
@@ -357,12 +362,13 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
     chosen = set(range(s.layers)) if which == "all" else set(which)
     # a checkpointed layer keeps its norm and act(gate)·up savings (nested), not an MLP or attention recompute
     attention_rc = lambda i: sv["attention"] == "recompute" and i not in chosen  # noqa: E731
+    quant = lambda i: sv["attention"] in ("int8", "fp8") and i not in chosen  # noqa: E731
     mlp_rc = lambda i: sv["mlp"] == "recompute" and i not in chosen  # noqa: E731
     act_recompute = sv["mlp"] in ("act", "recompute")
     parts["embeddings"] += N * INDEX_BYTES  # embedding saves the token ids
     per_layer: list[dict[str, int]] = []
     if s.model_type == "gpt2":  # GPT-2: LayerNorm, fused c_attn (Conv1D), Python GELU, dropout after each sublayer
-        cache = 0  # outside the layers' own accounting: a checkpointed layer's cache copies live on
+        cache = 0  # k and v copies the cache keeps, where sdpa saves them (a recomputed region passes no cache)
         mask = N * H * a if s.hidden_dropout > 0 else 0  # nn.Dropout keeps its (scaled) mask in the input's dtype
         parts["embeddings"] += T * INDEX_BYTES + (N * H * a if s.embedding_dropout > 0 else 0)  # position ids, mask
         I_ = s.intermediate
@@ -373,13 +379,17 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             parts["norms"] += layer_norm(H, N)
             attention_start = dict(parts)
             add_input(names(pre + "attn.", ("c_attn",)), H)
-            # sdpa keeps q, k, v (views of c_attn's output), its output (c_proj's input) and the logsumexp
-            parts["attention"] += 3 * N * H * a + N * H * a + B * nh * T * FP32
-            add_input(names(pre + "attn.", ("c_proj",)), 0)  # exact: the sdpa output itself
+            if quant(i):  # 8-bit q, k, v; c_proj keeps its own input (x̃, or the output itself when exact)
+                parts["attention"] += 3 * quantized(N * nh, hd)
+                add_input(names(pre + "attn.", ("c_proj",)), H)
+            else:  # sdpa keeps q, k, v (views of c_attn's output), its output (c_proj's input) and the logsumexp
+                parts["attention"] += 3 * N * H * a + N * H * a + B * nh * T * FP32
+                add_input(names(pre + "attn.", ("c_proj",)), 0)  # exact: the sdpa output itself
             parts["residual stream"] += mask
             if attention_rc(i):  # GPT2Attention keeps ln_1's output
                 recomputed(attention_start, "attention")
-            elif s.kv_cache_copies:  # the cache's k and v (a recomputed attention runs without the cache)
+            elif s.kv_cache_copies and not quant(i) and i not in chosen:  # kept by sdpa (8-bit attention keeps
+                # its own copies)
                 cache += 2 * N * H * a
             parts["residual stream"] += N * H * a  # ln_2's input
             parts["norms"] += layer_norm(H, N)
@@ -399,8 +409,8 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             parts["kv cache (use_cache)"] = cache
     elif s.family == "decoder":
         parts["attention"] += 2 * T * hd * a  # RoPE cos and sin (1, T, hd), computed once, saved by every layer's mul
-        if any(attention_rc(i) for i in range(s.layers)) or chosen:  # recomputed calls keep position and cache ids
-            parts["attention"] += 2 * T * INDEX_BYTES
+        if any(attention_rc(i) for i in range(s.layers)) or chosen:  # recomputed calls keep the position ids
+            parts["attention"] += T * INDEX_BYTES
         use_gqa_repeat = False  # sdpa takes enable_gqa when there is no mask (training on full sequences)
         moe_every = (s.layers // s.moe_layers) if s.moe_layers else 0
         for i in range(s.layers):
@@ -415,12 +425,18 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             if s.qk_norm:  # q_norm / k_norm over head_dim: keep q_proj/k_proj outputs (plus internals unless recomputed)
                 att += (q + k) * norm_input // a
                 parts["norms"] += rms_norm(hd, N * nh) + rms_norm(hd, N * nkv)
-            att += (q + k) + N * nkv * hd * a  # sdpa saves q_embed, k_embed, v (RoPE's mul saves only cos/sin)
-            if use_gqa_repeat:
-                att += 2 * (nh - nkv) * N * hd * a
-            att += N * nh * hd * a + B * nh * T * FP32  # sdpa output and logsumexp
-            parts["attention"] += att
-            add_input(names(pre, ("o_proj",)), 0)  # exact: the sdpa output itself (already counted)
+            if quant(i):  # 8-bit q, k, v with a scale per row; o_proj keeps its own input (x̃, or exact)
+                kv_rows = N * (nh if use_gqa_repeat else nkv)
+                att += quantized(N * nh, hd) + 2 * quantized(kv_rows, hd)
+                parts["attention"] += att
+                add_input(names(pre, ("o_proj",)), H)
+            else:
+                att += (q + k) + N * nkv * hd * a  # sdpa saves q_embed, k_embed, v (RoPE's mul saves only cos/sin)
+                if use_gqa_repeat:
+                    att += 2 * (nh - nkv) * N * hd * a
+                att += N * nh * hd * a + B * nh * T * FP32  # sdpa output and logsumexp
+                parts["attention"] += att
+                add_input(names(pre, ("o_proj",)), 0)  # exact: the sdpa output itself (already counted)
             if attention_rc(i):
                 recomputed(attention_start, "attention")
             parts["residual stream"] += N * H * norm_input  # attention residual add
@@ -475,10 +491,14 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
             pre = f"{bert}.encoder.layer.{i}."
             attention_start = dict(parts)
             add_input(names(pre + "attention.self.", ("query", "key", "value")), H)  # the layer input
-            parts["attention"] += 4 * N * H * a + B * nh * T * FP32  # sdpa: q, k, v, output, logsumexp
-            if s.attention_dropout > 0:  # dropout in sdpa: the math path keeps the probabilities and the mask
-                parts["attention"] += B * nh * T * T * (2 * a)
-            add_input(names(pre + "attention.output.", ("dense",)), 0)  # exact: the sdpa output itself
+            if quant(i):  # 8-bit q, k, v; the output dense keeps its own input (x̃, or exact)
+                parts["attention"] += 3 * quantized(N * nh, hd)
+                add_input(names(pre + "attention.output.", ("dense",)), H)
+            else:
+                parts["attention"] += 4 * N * H * a + B * nh * T * FP32  # sdpa: q, k, v, output, logsumexp
+                if s.attention_dropout > 0:  # dropout in sdpa: the math path keeps the probabilities and the mask
+                    parts["attention"] += B * nh * T * T * (2 * a)
+                add_input(names(pre + "attention.output.", ("dense",)), 0)  # exact: the sdpa output itself
             parts["residual stream"] += N * H * a + mask  # add (LayerNorm's input), dropout mask
             parts["norms"] += layer_norm(H, N)
             if attention_rc(i):  # BertAttention (self-attention, output dense, LayerNorm) keeps its input

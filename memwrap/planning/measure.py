@@ -92,6 +92,7 @@ class LiveActivationMeter(TorchDispatchMode):
             self._exclude = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())
                              if t.device.type != "meta"}
         self._refs: dict[int, tuple] = {}
+        self._model = model
         self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -106,6 +107,18 @@ class LiveActivationMeter(TorchDispatchMode):
 
     def __exit__(self, *exc):
         out = super().__exit__(*exc)
-        self.bytes = sum(n for ref, n in self._refs.values() if not ref.expired())
+        state = {t.untyped_storage().data_ptr() for t in self._projections()}  # memwrap's P: state, made once
+        self.bytes = sum(n for ptr, (ref, n) in self._refs.items() if not ref.expired() and ptr not in state)
         self._refs = {}
         return out
+
+    def _projections(self):
+        """The random projections P the model's compressed weights cached (on their first forward)."""
+        from ..compress.experts import UNITS_ATTR
+
+        if self._model is None:
+            return
+        for m in self._model.modules():
+            for unit in [m] + list(m.__dict__.get(UNITS_ATTR, {}).values()):
+                group = getattr(unit, "group", None)
+                yield from getattr(group, "_p_cache", {}).values()

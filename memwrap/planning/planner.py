@@ -120,7 +120,8 @@ def step_flops(shape: ModelShape, seq_len: int) -> dict[str, float]:
         + 6 * s.hidden * s.shared_intermediate
     moe = s.moe_layers
     mlp = ((s.layers - moe) * dense_mlp + moe * moe_mlp) / max(s.layers, 1)
-    return {"attention": attention, "mlp": mlp, "layer": attention + mlp, "head": 2 * s.hidden * s.vocab}
+    return {"attention": attention, "mlp": mlp, "layer": attention + mlp, "head": 2 * s.hidden * s.vocab,
+            "scores": 4 * seq_len * q / 2}
 
 
 def recompute_overhead(shape: ModelShape, savings: dict, seq_len: int) -> float:
@@ -129,8 +130,8 @@ def recompute_overhead(shape: ModelShape, savings: dict, seq_len: int) -> float:
     f = step_flops(shape, seq_len)
     which = savings.get("checkpoint_layers") or ()
     k = shape.layers if which == "all" else len(which)
-    extra = k * f["layer"] + (shape.layers - k) * ((f["mlp"] if savings.get("mlp") == "recompute" else 0)
-                                                    + (f["attention"] if savings.get("attention") == "recompute" else 0))
+    attention = {"recompute": f["attention"], "int8": f["scores"], "fp8": f["scores"]}.get(savings.get("attention"), 0)
+    extra = k * f["layer"] + (shape.layers - k) * ((f["mlp"] if savings.get("mlp") == "recompute" else 0) + attention)
     if savings.get("loss_chunk"):
         extra += f["head"]
     return extra / (3 * (shape.layers * f["layer"] + f["head"]))
@@ -344,6 +345,8 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
                     "keep": "MLPs keep their activations"}[sv.get("mlp", "act")])
     if sv.get("attention") == "recompute":
         applied.append("attention recomputed")
+    elif sv.get("attention") in ("int8", "fp8"):
+        applied.append(f"attention keeps {sv['attention']} q, k, v (lossy gradients)")
     which = sv.get("checkpoint_layers") or ()
     if which:
         applied.append("every layer checkpointed" if which == "all" else f"{len(which)} layers checkpointed")
