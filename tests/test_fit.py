@@ -214,7 +214,8 @@ def test_first_step_matches_the_prediction_and_report_shows_each_part():
         assert abs(measured[part] - predicted[part]) <= 0.10 * predicted[part], (part, measured[part], predicted[part])
     table = memwrap.report(model)
     assert all(part in table for part in COMPARED) and "predicted GB" in table
-    assert not model._forward_pre_hooks  # the check ran once and removed its hooks
+    assert [type(h).__name__ for h in model._forward_pre_hooks.values()] == ["PreForwardCheck"]  # the monitor ran
+    # once and removed its hooks; memwrap's own pre-forward check stays
 
 
 def test_a_step_far_from_the_plan_warns_once():

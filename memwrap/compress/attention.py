@@ -13,6 +13,8 @@ global is changed and other modules or instances never see it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -61,10 +63,15 @@ class QuantizedSDPAFn(torch.autograd.Function):
         qv, qs, kv, ks, vv, vs, attn_mask = ctx.saved_tensors
         dropout_p, is_causal, scale, enable_gqa, rng, dtypes = ctx.args
         needs = ctx.needs_input_grad[:3]
+        if torch.compiler.is_compiling() and dropout_p == 0:  # traceable: attention's backward written out
+            q, k, v = (dequantize(val, sc, dt) for val, sc, dt in zip((qv, kv, vv), (qs, ks, vs), dtypes, strict=True))
+            grads = attention_backward(q, k, v, dout, attn_mask, is_causal, scale, enable_gqa)
+            return (*(g if need else None for g, need in zip(grads, needs, strict=True)),) + (None,) * 6
         inputs = [dequantize(val, sc, dt).requires_grad_(need)
                   for val, sc, dt, need in zip((qv, kv, vv), (qs, ks, vs), dtypes, needs, strict=True)]
         devices = [inputs[0].device] if rng is not None and rng[1] is not None else []
-        with torch.enable_grad(), torch.random.fork_rng(devices=devices, enabled=rng is not None):
+        replay = torch.random.fork_rng(devices=devices) if rng is not None else contextlib.nullcontext()
+        with torch.enable_grad(), replay:
             if rng is not None:  # the same dropout mask as the forward
                 torch.set_rng_state(rng[0])
                 if devices:
@@ -75,6 +82,44 @@ class QuantizedSDPAFn(torch.autograd.Function):
             grads = iter(torch.autograd.grad(out, wanted, dout) if wanted else ())
         dq, dk, dv = (next(grads) if need else None for need in needs)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+BACKWARD_CHUNK_BYTES = 64 << 20  # the written-out backward materialises the scores this many bytes at a time
+
+
+def attention_backward(q, k, v, dout, attn_mask, is_causal: bool, scale, enable_gqa: bool):
+    """dq, dk, dv of out = softmax(q kᵀ·scale + mask) v, a block of query rows at a time (fp32 scores).
+
+    q (B, h, T, d); k, v (B, h_kv, S, d); the same masking rules as SDPA (causal: top-left aligned)."""
+    h, hk, T, S = q.shape[-3], k.shape[-3], q.shape[-2], k.shape[-2]
+    rep = h // hk if enable_gqa and h != hk else 1
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    qf, kf, vf, gf = q.float(), k.float(), v.float(), dout.float()
+    rows = max(1, min(T, BACKWARD_CHUNK_BYTES // max(1, 3 * 4 * q[..., :1, :1].numel() * S)))
+    dq, dk, dv = [], torch.zeros_like(kf), torch.zeros_like(vf)
+    for t0 in range(0, T, rows):
+        t1 = min(T, t0 + rows)
+        s = (qf[..., t0:t1, :] @ kf.transpose(-1, -2)) * scale  # (B, h, rows, S)
+        if is_causal:
+            keep = torch.ones(t1 - t0, S, dtype=torch.bool, device=q.device).tril(diagonal=t0)
+            s = s.masked_fill(~keep, float("-inf"))
+        if attn_mask is not None:
+            m = attn_mask[..., t0:t1, :] if attn_mask.shape[-2] == T else attn_mask
+            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+        p = torch.softmax(s, dim=-1)
+        g = gf[..., t0:t1, :]
+        dv = dv + p.transpose(-1, -2) @ g
+        dp = g @ vf.transpose(-1, -2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+        dq.append(ds @ kf)
+        dk = dk + ds.transpose(-1, -2) @ qf[..., t0:t1, :]
+    dq = torch.cat(dq, dim=-2)
+    if rep > 1:  # each kv head served `rep` query heads: their gradients add
+        dk = dk.unflatten(-3, (hk, rep)).sum(-3)
+        dv = dv.unflatten(-3, (hk, rep)).sum(-3)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def quantized_sdpa(fmt: str, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -74,11 +74,32 @@ class InputGroup:
         self.refresh_index = 0
         self._p_cache: dict[tuple, torch.Tensor] = {}
         self._x_cache: tuple | None = None  # (weakref x, x._version, dtype, refresh index, weakref x̃)
+        self._slot: torch.Tensor | None = None  # P of the group's current index: one object, rewritten in place
+        self._slot_index = -1
+        self.members: list[CompressedWeight] = []  # the weights that read this group's P
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_p_cache"], state["_x_cache"] = {}, None
+        state["_p_cache"], state["_x_cache"], state["_slot"], state["_slot_index"] = {}, None, None, -1
         return state
+
+    def live(self, index: int, device) -> torch.Tensor:
+        """P of `index` (fp32, on `device`) for a compiled forward: at the group's current index one tensor object
+        that a refresh rewrites in place, so torch.compile reads the new P without recompiling; a member behind
+        the group (its own index older) gets a copy of its own."""
+        device = torch.device(device)
+        if index != self.refresh_index:
+            return self.projection(index, device=device)
+        slot = self._slot
+        if slot is None or slot.device != device:
+            self._slot = slot = self.projection(index, device=device).clone()
+        elif self._slot_index != index:
+            for m in self.members:  # still reading the slot at an older index: keep their P in a copy of their own
+                if m.__dict__.get("_p_live") is slot and m.refresh_index != index:
+                    m._p_live = self.projection(m.refresh_index, device=device)
+            slot.copy_(self.projection(index, device=device))
+        self._slot_index = index
+        return slot
 
     def projection(self, index: int | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
         """P (d × r) for a refresh index (default: the current one)."""
@@ -97,8 +118,15 @@ class InputGroup:
         """T (r × r): subspace coordinates under P_old times T are the nearest coordinates under P_new."""
         return subspace_transfer(self.projection(old_index), self.projection(new_index)).to(device)
 
-    def compress(self, x: torch.Tensor, dtype: torch.dtype, index: int | None = None) -> torch.Tensor:
-        """x̃ = reshape(x, N, c, d) @ P_index, shape (N, c, r); reused while the same x is fed to a sibling."""
+    def compress(self, x: torch.Tensor, dtype: torch.dtype, index: int | None = None,
+                 live: torch.Tensor | None = None) -> torch.Tensor:
+        """x̃ = reshape(x, N, c, d) @ P_index, shape (N, c, r); reused while the same x is fed to a sibling.
+
+        Under torch.compile, `live` (the weight's `_p_live`) is P and nothing on the host is looked up: siblings read
+        the same P object, so the compiled graph computes their shared x̃ once (common-subexpression elimination)."""
+        if live is not None and torch.compiler.is_compiling():
+            with torch.no_grad():
+                return (x.detach().to(dtype).reshape(-1, self.d) @ live.to(dtype)).reshape(-1, self.c, self.r)
         index = self.refresh_index if index is None else index
         cached = self._x_cache
         if cached is not None:
@@ -182,11 +210,13 @@ class CompressedWeight:
         self._base: torch.Tensor | None = None  # coords' value at the last merge of an external write (kept, not zeroed)
         self.is_head = False  # a causal LM's output head: always in use when training on labels
         self._engine_checked = False  # check_engine ran (at the first forward)
+        self._prechecked = False  # the model's pre-forward hook checked this forward already
+        group.members.append(self)
 
     def _reset_after_copy(self) -> None:
         """A deepcopy or an unpickled copy: caches and the merge baseline belong to the original."""
         self._merged = self._seen = self._claim = None
-        self._engine_checked = False
+        self._engine_checked = self._prechecked = False
         if "is_head" not in self.__dict__:  # pickled by memwrap 0.1.0
             self.is_head = False
 
@@ -234,6 +264,7 @@ class CompressedWeight:
         t = self.group.transfer(self.refresh_index, new_index)
         self.refresh_index = new_index
         self.group.refresh_index = max(self.group.refresh_index, new_index)
+        self.sync_live()
         return t
 
     def set_steps(self, steps: int) -> None:
@@ -241,6 +272,26 @@ class CompressedWeight:
         self.steps = int(steps)
         self.refresh_index = self.steps // self.refresh_every
         self.group.refresh_index = self.refresh_index
+        self.sync_live()
+
+    def sync_live(self) -> None:
+        """Point `_p_live` (the P a compiled forward reads) at this weight's current P, on its weight's device."""
+        w = self.weight
+        if w.device.type != "meta":
+            self._p_live = self.group.live(self.refresh_index, local(w).device)
+
+    def compress_input(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x̃ of this weight's input under its current P (compiled: the P tensor kept current by the pre-hook)."""
+        if torch.compiler.is_compiling():
+            return self.group.compress(x, dtype, live=self.__dict__.get("_p_live"))
+        return self.group.compress(x, dtype, self.refresh_index)
+
+    def precheck(self) -> None:
+        """From the wrapped model's pre-forward hook, on the host, outside any compiled region: the checks of
+        `check_pending` and the P a compiled forward reads; the layer's own forward then skips its check."""
+        self._check()
+        self.sync_live()
+        self._prechecked = True
 
     def claim(self, optimizer, grad: torch.Tensor) -> bool:
         """False when another optimizer already merged this very gradient (a wrapper and the optimizer it wraps)."""
@@ -283,10 +334,19 @@ class CompressedWeight:
                 "Nothing has been stepped. memwrap supports plain PyTorch loops, the Trainer and accelerate without "
                 "DeepSpeed, DDP and FSDP2 (fully_shard); for DeepSpeed, train the unwrapped model.")
 
-    @torch.no_grad()
     def check_pending(self) -> None:
         """Before a forward: merge coords written outside an optimizer step (seen by their version counter), and
-        now and then check for writes autograd cannot see. Host-side compares; a device sync only when coords changed."""
+        now and then check for writes autograd cannot see. Host-side compares; a device sync only when coords changed.
+        Nothing here is traced by torch.compile: the model's pre-forward hook ran it already (`precheck`)."""
+        if torch.compiler.is_compiling():
+            return
+        if self._prechecked:
+            self._prechecked = False
+            return
+        self._check()
+
+    @torch.no_grad()
+    def _check(self) -> None:
         if not self._engine_checked:
             self.check_engine()
         p = self.coords
@@ -317,3 +377,18 @@ class CompressedWeight:
             if torch.count_nonzero(local(pending)):
                 self.merge(pending, 1.0, 0)
             self._base = None
+
+
+class PreForwardCheck:
+    """The wrapped model's forward pre-hook: every compressed weight's host-side checks (`precheck`) before the
+    model runs. torch.compile runs a compiled module's hooks outside its graph, and this one is never traced
+    (`torch.compiler.disable`), so a compiled forward holds no host bookkeeping at all."""
+
+    def __init__(self, units: list[CompressedWeight]):
+        self.units = units
+
+    @torch.compiler.disable
+    def __call__(self, module, args) -> None:
+        for unit in self.units:
+            unit.precheck()
+

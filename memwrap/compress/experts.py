@@ -58,8 +58,32 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
     """Grouped matmul over experts (rows of `a` sorted by expert, `offs` the cumulative counts).
 
     a (S, k) @ b (E, k, n) -> (S, n); or a (k, S) @ b (S, n) -> (E, k, n) (the per-expert weight-gradient
-    shape). Uses torch's grouped_mm kernel where it applies, else one mm per expert, like transformers.
+    shape). Uses torch's grouped_mm kernel where it applies, else one mm per expert, like transformers. Under
+    torch.compile it is one opaque custom op (`memwrap::grouped_mm`) whose output shape the compiler knows.
     """
+    if torch.compiler.is_compiling():
+        return _grouped_mm_op()(a, b, offs)
+    return _grouped_mm_eager(a, b, offs)
+
+
+_OP = []  # memwrap::grouped_mm, registered when an MoE model is first wrapped
+
+
+def _grouped_mm_op():
+    if not _OP:
+        op = torch.library.custom_op("memwrap::grouped_mm", mutates_args=())(_grouped_mm_eager)
+
+        @op.register_fake
+        def _(a, b, offs):
+            if b.dim() == 3:
+                return a.new_empty(a.shape[0], b.shape[-1])
+            return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])
+
+        _OP.append(op)
+    return _OP[0]
+
+
+def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     if hasattr(F, "grouped_mm"):
         try:
             return F.grouped_mm(a, b, offs=offs)
@@ -121,6 +145,7 @@ class ExpertsUnit(CompressedWeight):
         self.coords_name = f"{pname}_memwrap_coords"
         self.new_coords = nn.Parameter(torch.zeros(self.num_experts, out_features, c, r, device=w.device,
                                                    dtype=coords_dtype(w)))
+        self.sync_live()
 
     def __setstate__(self, state) -> None:  # a deepcopy or an unpickled copy trains and unwraps like the original
         self.__dict__.update(state)
@@ -154,12 +179,13 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     expert_ids = top_k_index.reshape(-1)  # (S,)
     expert_ids_g, perm = torch.sort(expert_ids, stable=True)
     token_g = perm // top_k
-    offs = torch.bincount(expert_ids_g, minlength=self.num_experts).cumsum(0).to(torch.int32)
+    counts = torch.zeros(self.num_experts, dtype=torch.int64, device=expert_ids_g.device)
+    offs = counts.index_add_(0, expert_ids_g, torch.ones_like(expert_ids_g)).cumsum(0).to(torch.int32)  # static shape
     cdt = compute_dtype(hidden_states)
     up = units["gate_up_proj" if self.has_gate else "up_proj"]
     down = units["down_proj"]
 
-    x_tilde = up.group.compress(hidden_states, cdt, up.refresh_index).reshape(num_tokens, -1)[token_g]  # T rows -> S
+    x_tilde = up.compress_input(hidden_states, cdt).reshape(num_tokens, -1)[token_g]  # T rows -> S
     h = _project(up, hidden_states[token_g], x_tilde, offs, cdt)  # (S, n_up)
     if self.has_bias:
         h = h + getattr(self, up.pname + "_bias")[expert_ids_g]
@@ -169,7 +195,7 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
         h = gated_act(self.act_fn, formula, h)
     else:  # (S, I); recompute: keep only its input
         h = recompute(act, h) if SAVINGS_ATTR in self.__dict__ else act(h)
-    h_tilde = down.group.compress(h, cdt, down.refresh_index).reshape(h.shape[0], -1)
+    h_tilde = down.compress_input(h, cdt).reshape(h.shape[0], -1)
     out = _project(down, h, h_tilde, offs, cdt)  # (S, H)
     if self.has_bias:
         out = out + self.down_proj_bias[expert_ids_g]
@@ -193,6 +219,7 @@ def register_implementation() -> None:
 
     if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
         ExpertsInterface.register(IMPLEMENTATION, memwrap_experts_forward)
+    _grouped_mm_op()  # registered here, not while torch.compile traces (registration cannot be traced)
 
 
 def _drop_unit_coords(module, state_dict, prefix, local_metadata):

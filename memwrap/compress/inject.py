@@ -20,10 +20,11 @@ from ..errors import (
     UnsupportedArchitectureError,
 )
 from . import blocks, experts, loss, merge
-from .base import InputGroup
+from .base import InputGroup, PreForwardCheck
 from .linear import CompressedLinear
 
 STATE_ATTR = "_memwrap_state"
+PRECHECK_ATTR = "_memwrap_precheck"  # the handle of the wrapped model's PreForwardCheck hook
 QUANT_MARKERS = ("4bit", "8bit", "int8", "int4", "fp8", "quant", "qlinear", "gptq", "awq")
 
 
@@ -291,7 +292,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[CompressedLinear]:
     for _, m in built:
         m.is_head = m is head
     loss.guard_head(model)
-    return [m for _, m in built] + [u for us in units.values() for u in us]
+    wrapped = [m for _, m in built] + [u for us in units.values() for u in us]
+    object.__setattr__(model, PRECHECK_ATTR, model.register_forward_pre_hook(PreForwardCheck(wrapped)))
+    return wrapped
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -304,6 +307,9 @@ def restore_all(model: nn.Module) -> int:
     """Put every original nn.Linear back, with the current (merged) weight and bias. Returns how many."""
     blocks.restore(model)
     loss.remove(model)
+    precheck = model.__dict__.pop(PRECHECK_ATTR, None)
+    if precheck is not None:
+        precheck.remove()
     count = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, CompressedLinear):

@@ -66,6 +66,7 @@ class CompressedLinear(CompressedWeight, nn.Module):
         self.coords = nn.Parameter(torch.zeros(out_features, c, r, device=dev, dtype=coords_dtype(base.weight)))
         object.__setattr__(self, "_memwrap_base", base)  # restored by unwrap; not a submodule
         self._register_state_dict_hook(_drop_coords)
+        self.sync_live()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -83,7 +84,7 @@ class CompressedLinear(CompressedWeight, nn.Module):
                 return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).reshape(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
         cdt = compute_dtype(x)
-        x_tilde = self.group.compress(x, cdt, self.refresh_index)
+        x_tilde = self.compress_input(x, cdt)
         return _CompressedLinearFn.apply(x, self.weight, self.bias, self.coords, x_tilde, cdt, self.transposed)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

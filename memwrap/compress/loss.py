@@ -68,9 +68,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
             xs, ts = x[s:s + ctx.chunk], targets[s:s + ctx.chunk]
             logits = F.linear(xs, weight, bias).float()
             probs = torch.softmax(logits, dim=-1)  # d CE / d logits = softmax − onehot, 0 for ignored rows
-            valid = ts != ctx.ignore_index
-            probs[valid, ts[valid]] -= 1.0
-            probs[~valid] = 0.0
+            valid = (ts != ctx.ignore_index).unsqueeze(1)  # (C, 1); no boolean indexing: static shapes to compile
+            probs = probs.scatter_add(1, torch.where(valid, ts.unsqueeze(1), 0), -valid.to(probs.dtype)) * valid
             g = (probs * scale).to(x.dtype)  # the fp32 upcast's backward casts back to the logits' dtype
             if dx is not None:
                 dx[s:s + ctx.chunk] = g @ weight.to(g.dtype)
@@ -108,22 +107,66 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: 
         head.check_pending()
         if torch.is_grad_enabled() and head.coords.requires_grad:
             coords = head.coords
-            x_tilde = head.group.compress(x, compute_dtype(x), head.refresh_index)
+            x_tilde = head.compress_input(x, compute_dtype(x))
     return _ChunkedLinearCE.apply(x, head.weight, head.bias, targets, divisor, chunk, ignore_index, coords, x_tilde)
 
 
-class _PassThrough:
-    """lm_head's forward for one call: returns the hidden states themselves (the loss applies the head)."""
+class _Passing:
+    """Whether the model's forward is inside a chunked-loss call (one flag shared by the head and the loss)."""
 
-    def __call__(self, hidden_states):
-        return hidden_states
+    def __init__(self):
+        self.on = False
+
+
+class HeadForward:
+    """lm_head's `forward` while the chunked loss is installed: inside a chunked-loss call it hands the hidden
+    states through (the loss applies the head), otherwise it is the head's own forward. Installed once, never
+    swapped per call, so torch.compile traces one flag read instead of attribute churn."""
+
+    def __init__(self, head: nn.Module, passing: _Passing):
+        self.head, self.passing = head, passing
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.head).forward.__get__(self.head))
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        if self.passing.on:
+            return hidden_states
+        return type(self.head).forward(self.head, hidden_states, *args, **kwargs)
+
+
+class LossFunction:
+    """The model's `loss_function` while the chunked loss is installed: the chunked cross-entropy on the hidden
+    states inside a chunked-loss call, the model's own loss otherwise."""
+
+    def __init__(self, model: nn.Module, head: nn.Module, chunk: int, passing: _Passing, previous):
+        self.model, self.head, self.chunk, self.passing, self.previous = model, head, chunk, passing, previous
+
+    def __call__(self, logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                 **kwargs):
+        if self.passing.on:
+            return chunked_linear_cross_entropy(logits, self.head, labels, chunk=self.chunk,
+                                                num_items_in_batch=num_items_in_batch, ignore_index=ignore_index,
+                                                shift_labels=shift_labels)
+        own = self.previous if self.previous is not None else _default_loss(self.model)
+        return own(logits, labels, vocab_size=vocab_size, num_items_in_batch=num_items_in_batch,
+                   ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+
+
+def _default_loss(model: nn.Module):
+    """What transformers' `loss_function` property gives a model without `_loss_function` set."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None) or "ForCausalLM", LOSS_MAPPING["ForCausalLM"])
 
 
 class ChunkedLossForward:
-    """The model's `forward` with the chunked loss (picklable: it holds the model and the chunk size)."""
+    """The model's `forward` with the chunked loss (picklable: it holds the model, the chunk size and the flag)."""
 
-    def __init__(self, model: nn.Module, chunk: int):
+    def __init__(self, model: nn.Module, chunk: int, passing: _Passing | None = None):
         self.model, self.chunk = model, chunk
+        self.passing = passing or _Passing()
         self.active = True  # False once removed (another wrapper, e.g. TRL's forward, may still call this one)
 
     @property
@@ -135,26 +178,11 @@ class ChunkedLossForward:
         own = type(m).forward.__get__(m)
         if kwargs.get("labels") is None or not torch.is_grad_enabled() or not self.active:
             return own(*args, **kwargs)
-        head = m.get_output_embeddings()
-        chunk = self.chunk
-
-        def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
-                          shift_labels=None, **_):
-            return chunked_linear_cross_entropy(logits, head, labels, chunk=chunk, num_items_in_batch=num_items_in_batch,
-                                                ignore_index=ignore_index, shift_labels=shift_labels)
-
-        had_loss = "_loss_function" in m.__dict__
-        previous_loss = m.__dict__.get("_loss_function")
-        head.forward = _PassThrough()
-        m._loss_function = loss_function
+        self.passing.on = True
         try:
             out = own(*args, **kwargs)
         finally:
-            del head.forward
-            if had_loss:
-                m._loss_function = previous_loss
-            else:
-                del m._loss_function
+            self.passing.on = False
         if hasattr(out, "logits"):
             out.logits = None  # they were never computed: the hidden states went to the loss
         return out
@@ -195,12 +223,27 @@ def install(model: nn.Module, chunk: int | None) -> bool:
     if not chunk or not can_chunk(model) or LOSS_ATTR in model.__dict__:
         return False
     forward = ChunkedLossForward(model, int(chunk))
+    head = model.get_output_embeddings()
+    previous = model.__dict__.get("_loss_function")
+    head.forward = HeadForward(head, forward.passing)
+    model._loss_function = LossFunction(model, head, int(chunk), forward.passing, previous)
     if not _same_loss(model, forward):
+        _uninstall_parts(model, head, previous)
         return False
     model.forward = forward
     object.__setattr__(model, LOSS_ATTR, int(chunk))
     object.__setattr__(model, FORWARD_ATTR, forward)
     return True
+
+
+def _uninstall_parts(model: nn.Module, head: nn.Module, previous) -> None:
+    if isinstance(head.__dict__.get("forward"), HeadForward):
+        del head.forward
+    if isinstance(model.__dict__.get("_loss_function"), LossFunction):
+        if previous is None:
+            del model._loss_function
+        else:
+            model._loss_function = previous
 
 
 FORWARD_ATTR = "_memwrap_chunked_forward"  # the ChunkedLossForward installed (deactivated by `remove`)
@@ -234,6 +277,9 @@ def remove(model: nn.Module) -> bool:
     if forward is not None:
         forward.active = False
         model.__dict__.pop(FORWARD_ATTR)
+    loss_function = model.__dict__.get("_loss_function")
+    _uninstall_parts(model, output_head(model), loss_function.previous if isinstance(loss_function, LossFunction)
+                     else None)
     if isinstance(model.__dict__.get("forward"), ChunkedLossForward):
         del model.forward
     object.__delattr__(model, LOSS_ATTR)

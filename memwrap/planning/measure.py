@@ -122,3 +122,5 @@ class LiveActivationMeter(TorchDispatchMode):
             for unit in [m] + list(m.__dict__.get(UNITS_ATTR, {}).values()):
                 group = getattr(unit, "group", None)
                 yield from getattr(group, "_p_cache", {}).values()
+                if getattr(group, "_slot", None) is not None:
+                    yield group._slot
