@@ -10,7 +10,7 @@ from tiny import state_equal, tiny_llama, token_batch
 from torch import nn
 
 import memwrap
-from memwrap.compress import merge
+from memwrap.compress import inject, merge
 from memwrap.compress.linear import CompressedLinear
 
 
@@ -127,10 +127,7 @@ def test_target_and_exclude_filters(targets, exclude, expected):
     assert len(plan.layers) == 2 * len(expected)
 
 
-def test_tied_frozen_and_quantized_linears_are_skipped_and_reported():
-    class Int8Linear(nn.Linear):  # stands in for a quantized linear class
-        pass
-
+def test_tied_and_frozen_linears_are_skipped_and_reported():
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -139,15 +136,71 @@ def test_tied_frozen_and_quantized_linears_are_skipped_and_reported():
             self.tied.weight = self.emb.weight
             self.frozen = nn.Linear(16, 16)
             self.frozen.weight.requires_grad_(False)
-            self.q = Int8Linear(16, 16)
             self.ok = nn.Linear(16, 16)
 
     model = M()
     plan = memwrap.wrap(model, rank=2, granularity=2, exclude=())
     assert [lp.name for lp in plan.layers] == ["ok"]
     reasons = dict(plan.skipped)
-    assert set(reasons) == {"tied", "frozen", "q"}
-    assert "tied" in reasons["tied"] and "frozen" in reasons["frozen"] and "quantized" in reasons["q"]
+    assert set(reasons) == {"tied", "frozen"}
+    assert "tied" in reasons["tied"] and "frozen" in reasons["frozen"]
+
+
+def test_quantized_linears_are_refused_naming_the_alternative():
+    """A model whose linears are quantized (here a bitsandbytes-style class; torchao below) cannot be trained by
+    updating full-precision weights: refused before anything changes, with what to do; excluded, they stay frozen."""
+    class Linear8bitLt(nn.Linear):  # the class name bitsandbytes uses
+        pass
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = Linear8bitLt(16, 16)
+            self.ok = nn.Linear(16, 16)
+
+    model = M()
+    snap = snapshot(model)
+    with pytest.raises(memwrap.errors.UnsupportedArchitectureError, match="quantized.*Load the model in bf16 or fp32.*QLoRA"):
+        memwrap.wrap(model, rank=2, granularity=2, exclude=())
+    assert_untouched(model, snap)
+    plan = memwrap.wrap(model, rank=2, granularity=2, exclude=("q",))
+    assert [lp.name for lp in plan.layers] == ["ok"]
+
+
+def test_torchao_quantized_model_is_refused():
+    torchao = pytest.importorskip("torchao.quantization")
+    model = tiny_llama().to(torch.bfloat16)
+    torchao.quantize_(model, torchao.Int8WeightOnlyConfig())
+    modules, params = [(n, type(m)) for n, m in model.named_modules()], dict(model.named_parameters())
+    with pytest.raises(memwrap.errors.UnsupportedArchitectureError, match="Int8Tensor weights"):
+        memwrap.wrap(model, rank=4, granularity=2)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules and not hasattr(model, "_memwrap_state")
+    assert all(p is params[n] for n, p in model.named_parameters())  # the quantized tensors themselves, untouched
+
+
+def test_peft_model_is_refused_naming_merge_and_unload():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    snap = snapshot(model)
+    with pytest.raises(memwrap.errors.UnsupportedArchitectureError, match="PEFT adapters.*merge_and_unload"):
+        memwrap.wrap(model, rank=4, granularity=2)
+    assert_untouched(model, snap)
+    merged = model.merge_and_unload().requires_grad_(True)  # what the message says: memwrap trains the merged weights
+    assert len(memwrap.wrap(merged, rank=4, granularity=2).layers) == 14
+
+
+def test_a_layer_used_under_two_names_is_refused():
+    """A shared layer (one module at two places): wrap would replace one use only and the other would silently stop
+    training, so it is refused; excluded under all its names, it trains exactly."""
+    model = tiny_llama()
+    model.model.layers[1].mlp = model.model.layers[0].mlp
+    snap = snapshot(model)
+    with pytest.raises(memwrap.errors.UnsupportedArchitectureError, match="used at both 'model.layers.0.mlp.gate_proj' and "
+                                                           "'model.layers.1.mlp.gate_proj'"):
+        memwrap.wrap(model, rank=4, granularity=2)
+    assert_untouched(model, snap)
+    plan = memwrap.wrap(model, rank=4, granularity=2, exclude=("lm_head", "*mlp*"))
+    assert plan.layers and all("mlp" not in lp.name for lp in plan.layers)
 
 
 def test_plan_json_roundtrip_and_wrap_with_saved_plan_is_identical(tmp_path):

@@ -1,9 +1,12 @@
 """Recipe (docs/retrofit.md): Hugging Face Trainer, unchanged but for `memwrap.wrap(model)`.
 
-    python tools/retrofit_trainer.py [--memwrap-optimizer] [OUT_DIR]
-    torchrun --nproc_per_node 2 tools/retrofit_trainer.py ...      (Trainer runs DDP over 2 processes)
+    python examples/retrofit_trainer.py [--memwrap-optimizer] [--compile] [OUT_DIR]
+    torchrun --nproc_per_node 2 examples/retrofit_trainer.py ...      (Trainer runs DDP over 2 processes)
+
+--compile trains with TrainingArguments(torch_compile=True) (backend: $MEMWRAP_COMPILE_BACKEND, default inductor).
 """
 
+import os
 import sys
 import tempfile
 
@@ -28,6 +31,10 @@ class Tokens(torch.utils.data.Dataset):
 
 def main():
     use_memwrap_opt = "--memwrap-optimizer" in sys.argv
+    compile_kwargs = {}
+    if "--compile" in sys.argv:
+        compile_kwargs = dict(torch_compile=True, torch_compile_backend=os.environ.get("MEMWRAP_COMPILE_BACKEND",
+                                                                                         "inductor"))
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     out = args[0] if args else tempfile.mkdtemp()
     model = tiny_model()
@@ -35,7 +42,7 @@ def main():
     optimizers = (memwrap.optimizer(model, lr=3e-3), None) if use_memwrap_opt else (None, None)
     training_args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                       max_steps=16, learning_rate=3e-3, max_grad_norm=1.0, save_steps=8,
-                                      logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+                                      logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, **compile_kwargs)
     trainer = Trainer(model=model, args=training_args, train_dataset=Tokens(), optimizers=optimizers,
                       callbacks=[MemwrapCallback()])  # the callback matters only for resume_from_checkpoint
     trainer.train()

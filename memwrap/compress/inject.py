@@ -66,9 +66,11 @@ def is_wrapped(model: nn.Module) -> bool:
 def find_targets(model: nn.Module, config: WrapConfig, adapter, *,
                  allow_meta: bool = False) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """(candidates, skipped) for plain nn.Linear layers; skipped holds (name, reason) for linears left exact."""
+    check_supported(model, config)
     tied = tied_parameter_ids(model)
     out: list[Candidate] = []
     skipped: list[tuple[str, str]] = []
+    quantized: list[tuple[str, str]] = []
     for name, module in model.named_modules():
         if experts.is_fused_experts(module):
             out.extend(_experts_candidates(name, module, config, skipped))
@@ -104,9 +106,8 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter, *,
             continue
         if weight is None or not isinstance(weight, torch.Tensor):
             skipped.append((name, f"{cls} has no weight tensor"))
-        elif any(mark in cls.lower() for mark in QUANT_MARKERS) or not weight.is_floating_point() \
-                or hasattr(weight, "quant_state") or weight.dtype.itemsize < 2:
-            skipped.append((name, f"quantized ({cls}, {weight.dtype}); train it with a quantization-aware method"))
+        elif quantized_kind(module, weight):
+            quantized.append((name, quantized_kind(module, weight)))
         elif type(module) is not nn.Linear:
             skipped.append((name, f"{cls} subclasses nn.Linear with its own forward; left exact"))
         elif not weight.requires_grad:
@@ -118,6 +119,13 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter, *,
         else:
             out.append(Candidate(name, module, module.in_features, module.out_features,
                                  adapter.sibling_key(name, module), weight.dtype))
+    if quantized:
+        kinds = sorted({k for _, k in quantized})
+        raise UnsupportedArchitectureError(
+            f"{len(quantized)} linear layers are quantized ({', '.join(kinds)}; e.g. {quantized[0][0]!r}): memwrap "
+            "trains full-precision weights and cannot update quantized ones, so they would silently stay as they are. "
+            "Load the model in bf16 or fp32 to fine-tune it fully with memwrap, or train adapters on the quantized "
+            "model (QLoRA with peft); to keep these layers frozen on purpose, pass exclude=[...] with their names.")
     if config.head == "compress":  # the output head, even where the default exclude names it
         head = head_candidate(model, adapter, allow_meta=allow_meta)
         if head is not None and all(c.module is not head.module for c in out):
@@ -125,6 +133,43 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter, *,
     elif config.head == "exact":
         out = [c for c in out if c.module is not loss.output_head(model)]
     return out, skipped
+
+
+def quantized_kind(module: nn.Module, weight: torch.Tensor) -> str | None:
+    """What makes a linear layer quantized (bitsandbytes, GPTQ/AWQ classes, integer or 8-bit weights, torchao's
+    tensor subclasses), or None for a float layer."""
+    cls = type(module).__name__
+    if any(mark in cls.lower() for mark in QUANT_MARKERS) or hasattr(weight, "quant_state"):
+        return cls
+    if not weight.is_floating_point() or weight.dtype.itemsize < 2:
+        return f"{cls} with {weight.dtype} weights"
+    if type(weight) not in (torch.Tensor, nn.Parameter) and getattr(weight, "placements", None) is None:
+        return f"{cls} with {type(weight).__name__} weights"  # torchao: a tensor subclass in a plain nn.Linear
+    return None
+
+
+def check_supported(model: nn.Module, config: WrapConfig) -> None:
+    """UnsupportedArchitectureError, before anything changes, for models memwrap cannot train correctly: PEFT
+    adapters already attached, and layers used under two names (wrap would replace only one of the uses)."""
+    peft = [(n, type(m).__name__) for n, m in model.named_modules() if type(m).__module__.startswith("peft.")]
+    if peft or getattr(model, "peft_config", None) is not None:
+        where = f" ({peft[0][1]} at {peft[0][0]!r})" if peft else ""
+        raise UnsupportedArchitectureError(
+            f"this model has PEFT adapters attached{where}: memwrap trains the full weights itself and would compress "
+            "the adapters instead. Merge them first and unfreeze the merged weights (model = model.merge_and_unload(); "
+            "model.requires_grad_(True)), then wrap, or train the adapters with PEFT alone.")
+    uses: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear) or experts.is_fused_experts(module) or is_conv1d(module):
+            uses.setdefault(id(module), []).append(name)
+    targeted = lambda n: not (config.exclude and name_matches(n, config.exclude)) and (  # noqa: E731
+        config.targets is None or name_matches(n, config.targets))
+    for names in uses.values():
+        if len(names) > 1 and any(targeted(n) for n in names):
+            raise UnsupportedArchitectureError(
+                f"one layer is used at both {names[0]!r} and {names[1]!r} (a shared layer): wrap replaces a layer by "
+                "its name, so the other use would keep the original, frozen weight and silently stop training. Give "
+                "each use its own layer, or pass exclude=[...] with all its names to train it exactly.")
 
 
 def head_candidate(model: nn.Module, adapter, *, allow_meta: bool = False) -> Candidate | None:
