@@ -1,4 +1,4 @@
-"""Shared by the tools/retrofit_*.py recipes: a tiny Llama built from a config (no download) and a learnable stream."""
+"""Shared by the examples/retrofit_*.py recipes: a tiny Llama built from a config (no download) and a learnable stream."""
 
 import torch
 

@@ -1,7 +1,7 @@
 """Recipe (docs/retrofit.md): a nanoGPT-style loop — AdamW with weight-decay groups, a GradScaler, gradient
 clipping and gradient accumulation — with one added line, `memwrap.wrap(model)`.
 
-    python examples/retrofit_nanogpt.py [--steps N] [--compile]
+    python examples/retrofit_nanogpt.py [--steps N] [--compile]     (backend: $MEMWRAP_COMPILE_BACKEND, default inductor)
 
 nanoGPT's `configure_optimizers` decays every parameter of 2 or more dimensions: memwrap's coords (n × c × r) land in
 the decayed group, and memwrap applies that group's decoupled weight decay to the frozen weight W at each merge, as
@@ -10,6 +10,7 @@ there is a GPU; on a CPU torch.amp.GradScaler("cpu") with bf16 autocast, where i
 """
 
 import argparse
+import os
 
 import torch
 from _retrofit_common import check, tiny_model, token_batches
@@ -33,7 +34,8 @@ def main():
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=3e-3, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(device)
-    forward = torch.compile(model) if args.compile else model
+    backend = os.environ.get("MEMWRAP_COMPILE_BACKEND", "inductor")
+    forward = torch.compile(model, backend=backend) if args.compile else model
     batches = token_batches(args.steps * args.accumulation, batch=4)
     losses = []
     for step in range(args.steps):

@@ -10,7 +10,7 @@ from tiny import state_equal, tiny_llama, token_batch
 from torch import nn
 
 import memwrap
-from memwrap.compress import inject, merge
+from memwrap.compress import merge
 from memwrap.compress.linear import CompressedLinear
 
 

@@ -1,6 +1,6 @@
 """Recipe (docs/retrofit.md): torchrun DDP; `memwrap.wrap(model)` before `DistributedDataParallel(model)`.
 
-    torchrun --nproc_per_node 2 tools/retrofit_ddp.py [--memwrap-optimizer] [OUT_DIR]
+    torchrun --nproc_per_node 2 examples/retrofit_ddp.py [--memwrap-optimizer] [OUT_DIR]
 Every rank regenerates the same projections from (seed, layer name, step); DDP all-reduces only the compressed
 gradients of the wrapped layers.
 """

@@ -1,6 +1,6 @@
 """Recipe (docs/retrofit.md): memwrap in a plain PyTorch loop, with checkpoint and resume.
 
-    python tools/retrofit_plain.py [--memwrap-optimizer] [OUT_DIR]
+    python examples/retrofit_plain.py [--memwrap-optimizer] [OUT_DIR]
 """
 
 import sys

@@ -1,7 +1,7 @@
 """Recipe (docs/retrofit.md): an accelerate loop; `memwrap.wrap(model)` before `accelerator.prepare`.
 
-    python tools/retrofit_accelerate.py [--memwrap-optimizer] [STATE_DIR]
-    torchrun --nproc_per_node 2 tools/retrofit_accelerate.py ...   (or accelerate launch: DDP over 2 processes)
+    python examples/retrofit_accelerate.py [--memwrap-optimizer] [STATE_DIR]
+    torchrun --nproc_per_node 2 examples/retrofit_accelerate.py ...   (or accelerate launch: DDP over 2 processes)
 """
 
 import os

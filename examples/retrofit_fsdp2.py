@@ -1,6 +1,6 @@
 """Recipe (docs/retrofit.md): FSDP2; `memwrap.wrap(model)` before `fully_shard`, DCP checkpoints.
 
-    torchrun --nproc_per_node 2 tools/retrofit_fsdp2.py [--memwrap-optimizer] [CHECKPOINT_DIR]
+    torchrun --nproc_per_node 2 examples/retrofit_fsdp2.py [--memwrap-optimizer] [CHECKPOINT_DIR]
 W and coords are both sharded on dim 0; the merge W += lift(coords) touches only each rank's rows.
 """
 
