@@ -266,3 +266,35 @@ def test_8bit_attention_needs_sdpa_and_leaves_the_model_untouched():
     with pytest.raises(memwrap.errors.InvalidSettingsError, match="attn_implementation='sdpa'"):
         memwrap.wrap(model, rank=4, granularity=2, attention="int8")
     assert {n: type(m) for n, m in model.named_modules()} == before and not inject.is_wrapped(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_norm_and_gated_act_functions_are_bit_exact_in_bf16(family):
+    """The hand-written backward runs autograd's ops in autograd's order: in bf16 (where the norm upcasts through a
+    copy, as plain training does) the outputs and the gradients of the input and the weight equal plain training's
+    bit for bit; act(gate)·up too, in bf16 and fp32."""
+    from memwrap.compress.elementwise import GatedActFn, RMSNormFn, act_kind, norm_eps, norm_mode
+
+    model = tiny(family).to(torch.bfloat16)
+    norm, mlp = model.model.layers[0].input_layernorm, model.model.layers[0].mlp
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, norm.weight.shape[0], generator=g).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(x.shape, generator=g).to(torch.bfloat16)
+    runs = []
+    for fn in (lambda t: type(norm).forward(norm, t), lambda t: RMSNormFn.apply(t, norm.weight, norm_eps(norm),
+                                                                                 norm_mode(norm))):
+        y = fn(x)
+        (y.float() * dy.float()).sum().backward()
+        runs.append((y.detach(), x.grad, norm.weight.grad))
+        x.grad = norm.weight.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    for dtype in (torch.bfloat16, torch.float32):
+        act = mlp.act_fn
+        gate, up = (torch.randn(7, 16, generator=g).to(dtype).requires_grad_() for _ in range(2))
+        dh = torch.randn(7, 16, generator=g).to(dtype)
+        runs = []
+        for fn in (lambda: act(gate) * up, lambda: GatedActFn.apply(gate, up, act, act_kind(act, gate))):
+            (fn() * dh).sum().backward()
+            runs.append((gate.grad, up.grad))
+            gate.grad = up.grad = None
+        assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

@@ -150,9 +150,8 @@ def test_plan_written_by_0_1_0_loads_and_round_trips():
 
 @pytest.mark.parametrize("opt_kind", ["adamw", "memwrap"])
 def test_checkpoint_written_by_0_1_0_resumes_bit_exactly(opt_kind):
-    """Resume from the 0.1.0 checkpoint (step 6 of 12) = an uninterrupted run with this code (bit for bit with
-    torch's AdamW; to 1e-6 with memwrap's optimizer, whose steps 0-6 this code rounds differently), and = the losses
-    0.1.0 itself recorded (to 1e-5: those were recorded on the torch of that day)."""
+    """Resume from the 0.1.0 checkpoint (step 6 of 12) = an uninterrupted run with this code, bit for bit, and
+    = the losses 0.1.0 itself recorded (to 1e-5: those were recorded on the torch of that day)."""
     with open(os.path.join(DATA, "losses.json")) as f:
         recorded = json.load(f)[opt_kind]
 
@@ -173,10 +172,6 @@ def test_checkpoint_written_by_0_1_0_resumes_bit_exactly(opt_kind):
     opt = build(fresh)
     memwrap.load_optimizer(opt, os.path.join(DATA, f"checkpoint-{opt_kind}"))
     resumed = resume_worker.train(fresh, opt, range(6, 12), batch)
-    if opt_kind == "adamw":
-        assert resumed == full[6:]
-    else:  # since 0.1.0 the norms' backward is written out (same math, other rounding): steps 0-6 differ by rounding
-        assert torch.allclose(torch.tensor(resumed), torch.tensor(full[6:]), rtol=1e-6, atol=0), (resumed, full[6:])
+    assert resumed == full[6:]
     assert torch.allclose(torch.tensor(full), torch.tensor(recorded["losses_0_6"] + recorded["losses_6_12"]),
                           rtol=1e-5, atol=0)
-    assert torch.allclose(torch.tensor(resumed), torch.tensor(recorded["losses_6_12"]), rtol=1e-5, atol=0)

@@ -64,11 +64,15 @@ class SavingForward:
         if self.kind in FORMATS:  # attention whose SDPA keeps 8-bit q, k, v
             with RouteSDPA(self.kind):
                 return _own_forward(m)(*args, **kwargs)
-        if self.kind == "norm":
-            return rms_norm(m, *args, formula) if formula else recompute(_own_forward(m), *args, **kwargs)
+        if self.kind == "norm":  # the Function below fp32 (bit-exact there); fp32 recomputes (see elementwise)
+            if formula and args[0].dtype != torch.float32:
+                return rms_norm(m, *args, formula)
+            return recompute(_own_forward(m), *args, **kwargs)
         if self.kind == "act":  # an activation written in Python ops (GPT-2's GELU): keeps its input only
             (x,) = args
-            return ActFn.apply(x, _own_forward(m), formula) if formula else recompute(_own_forward(m), x)
+            if formula and x.dtype != torch.float32:
+                return ActFn.apply(x, _own_forward(m), formula)
+            return recompute(_own_forward(m), x)
         if self.kind == "gated":  # LlamaMLP and kin: down(act(gate(x)) * up(x))
             (x,) = args
             gate, up = m.gate_proj(x), m.up_proj(x)

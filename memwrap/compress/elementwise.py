@@ -1,9 +1,13 @@
 """Hand-written backward for the element-wise parts of a block: RMSNorm and act(gate)·up.
 
 Each keeps only what its backward needs (a norm: its input and one fp32 statistic per row; a gated activation:
-gate and up) and recomputes the rest there with the ops autograd itself runs (`silu_backward`, `gelu_backward`,
-the RMSNorm chain rule), so the output is bit-identical to the module's own and gradients equal plain training's
-to rounding. Cheaper than `torch.utils.checkpoint` (no second forward under autograd, no saved-tensor hooks) and
+gate and up) and recomputes the rest there with the ops autograd itself runs, in its order (`silu_backward`,
+`gelu_backward`, the RMSNorm chain rule), so outputs and gradients are bit-identical to plain training's. One
+exception: an RMSNorm whose input is already fp32 hands autograd that input itself, so plain training adds the
+norm's two internal gradients into the residual stream's one by one, an order no single Function can reproduce;
+there (fp32 training) memwrap recomputes the norm with checkpoint instead, and the Function serves bf16/fp16.
+Python-op activations (GPT-2's tanh GELU) match their closed form's derivative to rounding, not bit for bit: they
+too take the Function below fp32 only. Cheaper than `torch.utils.checkpoint` (no second forward under autograd, no saved-tensor hooks) and
 traced by torch.compile like any autograd.Function.
 
 Which formula a module follows is found once, at wrap time, by comparing the module's own output on a random
@@ -37,7 +41,8 @@ def _rstd(xf: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _sum_rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1]).sum(0)
+    """Reduce a weight gradient over every leading dimension, as autograd reduces a broadcast operand's."""
+    return t.sum(tuple(range(t.dim() - 1))) if t.dim() > 1 else t
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -67,9 +72,11 @@ class RMSNormFn(torch.autograd.Function):
                 dweight = _sum_rows(dyf * n_hat).to(weight.dtype)
             dn_hat = dyf * ((1.0 + weight.float()) if ctx.mode == "gemma" else weight)
         dx = None
-        if ctx.needs_input_grad[0]:  # n̂ = x·r, r = (mean(x²) + eps)^(-1/2)
-            dr = (dn_hat * xf).sum(-1, keepdim=True)
-            dx = (dn_hat * rstd + (dr * (-0.5 * rstd.pow(3))) * (2.0 / x.shape[-1]) * xf).to(x.dtype)
+        if ctx.needs_input_grad[0]:  # n̂ = x·r, r = (v + eps)^(-1/2), v = mean(x²): autograd's ops, in its order
+            dr = (dn_hat * xf).sum(-1, keepdim=True)  # the mul's backward for r, reduced to its shape
+            dv = (-0.5 * dr) * rstd.pow(3)  # rsqrt's backward
+            dsq = dv.expand(xf.shape) / xf.shape[-1]  # mean's backward
+            dx = (dn_hat * rstd + dsq * (2.0 * xf)).to(x.dtype)  # the mul's gradient arrives first, then pow's
         return dx, dweight, None, None
 
 

@@ -324,8 +324,8 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
     norm_input = a if (a >= FP32 or not norms_kept) else 0
 
     def rms_norm(width: int, rows: int) -> int:  # rsqrt (rows × 1, fp32), x.float() below fp32, weight·h saves h
-        # recomputed (memwrap's RMSNorm function): the input (counted by its maker) and the rsqrt per row
-        return rows * (FP32 + width * (f32_copy + a)) if norms_kept else rows * FP32
+        # recomputed: the input (counted by its maker), and below fp32 (memwrap's RMSNorm function) the rsqrt per row
+        return rows * (FP32 + width * (f32_copy + a)) if norms_kept else rows * FP32 if a < FP32 else 0
 
     def layer_norm(width: int, rows: int) -> int:  # mean and rstd per row (input dtype on CPU); input counted by its maker
         return rows * 2 * a
