@@ -7,8 +7,8 @@ exception: an RMSNorm whose input is already fp32 hands autograd that input itse
 norm's two internal gradients into the residual stream's one by one, an order no single Function can reproduce;
 there (fp32 training) memwrap recomputes the norm with checkpoint instead, and the Function serves bf16/fp16.
 Python-op activations (GPT-2's tanh GELU) match their closed form's derivative to rounding, not bit for bit: they
-too take the Function below fp32 only. Cheaper than `torch.utils.checkpoint` (no second forward under autograd, no saved-tensor hooks) and
-traced by torch.compile like any autograd.Function.
+too take the Function below fp32 only. Cheaper than `torch.utils.checkpoint` (no second forward under autograd,
+no saved-tensor hooks) and traced by torch.compile like any autograd.Function.
 
 Which formula a module follows is found once, at wrap time, by comparing the module's own output on a random
 input (`norm_mode`, `act_kind`); a module that matches none keeps the checkpointed recomputation.
