@@ -65,14 +65,13 @@ class SavingForward:
             with RouteSDPA(self.kind):
                 return _own_forward(m)(*args, **kwargs)
         if self.kind == "norm":  # the Function below fp32 (bit-exact there); fp32 recomputes (see elementwise)
-            if formula and args[0].dtype != torch.float32:
-                return rms_norm(m, *args, formula)
+            if formula and len(args) == 1 and not kwargs and args[0].dtype != torch.float32:
+                return rms_norm(m, args[0], formula)
             return recompute(_own_forward(m), *args, **kwargs)
         if self.kind == "act":  # an activation written in Python ops (GPT-2's GELU): keeps its input only
-            (x,) = args
-            if formula and x.dtype != torch.float32:
-                return ActFn.apply(x, _own_forward(m), formula)
-            return recompute(_own_forward(m), x)
+            if formula and len(args) == 1 and not kwargs and args[0].dtype != torch.float32:
+                return ActFn.apply(args[0], _own_forward(m), formula)
+            return recompute(_own_forward(m), *args, **kwargs)
         if self.kind == "gated":  # LlamaMLP and kin: down(act(gate(x)) * up(x))
             (x,) = args
             gate, up = m.gate_proj(x), m.up_proj(x)
