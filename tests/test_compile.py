@@ -30,11 +30,11 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("family,option", [(f, "recompute") for f in ("gpt2", "bert", "qwen3_moe", "mixtral")]
-                         + [(f, "int8") for f in ("llama", "gpt2", "qwen3_moe", "mixtral")])
+@pytest.mark.parametrize("family,option", [("gpt2", "recompute"), ("bert", "recompute"), ("qwen3_moe", "recompute"),
+                                           ("llama", "int8"), ("qwen3_moe", "int8")])
 def test_a_wrapped_model_compiles_to_one_graph(family, option):
-    """The whole-layer options too (the default, and every exact option on Llama, compile with fullgraph=True in the
-    training test below)."""
+    """The whole-layer options too (the default on all five families, and every exact option on Llama, compile with
+    fullgraph=True in the training test below; Mixtral's experts run the code Qwen3-MoE's do)."""
     model = build(family)
     memwrap.wrap(model, rank=4, granularity=2, **OPTIONS[option])
     ids = batch()
