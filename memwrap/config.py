@@ -17,7 +17,8 @@ PROJECTIONS = ("stiefel", "gaussian", "rademacher")  # kinds of random projectio
 NORM_OPTIONS = ("keep", "recompute")  # recompute: an RMSNorm keeps only its input
 MLP_OPTIONS = ("keep", "act", "recompute")  # act: act(gate)·up recomputed; recompute: the whole MLP keeps its input
 # recompute: the attention module keeps only its input; int8/fp8: SDPA keeps 8-bit q, k, v (lossy gradients, opt-in)
-ATTENTION_OPTIONS = ("keep", "recompute", "int8", "fp8")
+ATTENTION_8BIT = ("int8", "fp8")
+ATTENTION_OPTIONS = ("keep", "recompute", *ATTENTION_8BIT)
 # the causal-LM output head (an untied lm_head): "auto" compresses it only where the budget needs it (the planner),
 # "exact" never, "compress" always
 HEAD_OPTIONS = ("auto", "exact", "compress")

@@ -101,6 +101,12 @@ class InputGroup:
         self._slot_index = index
         return slot
 
+    def cached_projections(self):
+        """Every P tensor this group holds (its cache and the compiled forward's slot): state, not activations."""
+        yield from self._p_cache.values()
+        if self._slot is not None:
+            yield self._slot
+
     def projection(self, index: int | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
         """P (d × r) for a refresh index (default: the current one)."""
         index = self.refresh_index if index is None else index

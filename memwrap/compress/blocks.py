@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidSettingsError
 from .attention import FORMATS, RouteSDPA
-from .elementwise import ActFn, act_kind, gated_act, norm_mode, rms_norm
+from .elementwise import ActFn, act_kind, gated_act, norm_mode, probe, rms_norm
 
 SAVINGS_ATTR = "_memwrap_saving"  # on a module whose forward memwrap replaced: the kind ("norm", "act", ...)
 FORMULA_ATTR = "_memwrap_formula"  # on fused experts: the act(gate)·up formula their forward uses (or None)
@@ -64,12 +64,11 @@ class SavingForward:
         if self.kind in FORMATS:  # attention whose SDPA keeps 8-bit q, k, v
             with RouteSDPA(self.kind):
                 return _own_forward(m)(*args, **kwargs)
-        if self.kind == "norm":  # the Function below fp32 (bit-exact there); fp32 recomputes (see elementwise)
+        if self.kind in ("norm", "act"):  # an RMSNorm, or an activation written in Python ops (GPT-2's GELU):
+            # the Function below fp32 (bit-exact there); fp32 recomputes the module's own ops (see elementwise)
             if formula and len(args) == 1 and not kwargs and args[0].dtype != torch.float32:
-                return rms_norm(m, args[0], formula)
-            return recompute(_own_forward(m), *args, **kwargs)
-        if self.kind == "act":  # an activation written in Python ops (GPT-2's GELU): keeps its input only
-            if formula and len(args) == 1 and not kwargs and args[0].dtype != torch.float32:
+                if self.kind == "norm":
+                    return rms_norm(m, args[0], formula)
                 return ActFn.apply(args[0], _own_forward(m), formula)
             return recompute(_own_forward(m), *args, **kwargs)
         if self.kind == "gated":  # LlamaMLP and kin: down(act(gate(x)) * up(x))
@@ -232,8 +231,7 @@ def _experts_gate_formula(experts: nn.Module, like: torch.Tensor) -> str | None:
     kind = act_kind(experts.act_fn, like) if experts.has_gate and hasattr(experts, "act_fn") else None
     if kind is None:
         return None
-    g = torch.Generator(device=like.device).manual_seed(1)
-    gate_up = torch.randn(7, 16, generator=g, device=like.device).to(like.dtype)
+    gate_up = probe((7, 16), like, seed=1)
     with torch.no_grad():
         try:
             same = torch.equal(experts._apply_gate(gate_up), gated_act(experts.act_fn, kind, gate_up))
@@ -252,8 +250,7 @@ def _check_same_output(module: nn.Module, forward: SavingForward, kind: str) -> 
     param = next(module.parameters())
     if param.device.type == "meta":
         return True
-    g = torch.Generator(device=param.device).manual_seed(0)
-    x = torch.randn(3, width, generator=g, device=param.device).to(param.dtype)
+    x = probe((3, width), param)
     with torch.no_grad():
         try:
             return torch.equal(_own_forward(module)(x), forward(x))

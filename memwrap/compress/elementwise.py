@@ -93,7 +93,7 @@ def norm_mode(module: nn.Module) -> str | None:
     weight, eps = getattr(module, "weight", None), norm_eps(module)
     if not isinstance(weight, nn.Parameter) or weight.ndim != 1 or eps is None or weight.device.type == "meta":
         return None
-    x = _probe((5, weight.shape[0]), weight)
+    x = probe((5, weight.shape[0]), weight)
     with torch.no_grad():
         try:
             own = type(module).forward(module, x)
@@ -170,7 +170,7 @@ def act_kind(act, like: torch.Tensor, *, exact: bool = True) -> str | None:
     """The closed form an activation computes (bit-identical when exact, else to fp32 rounding), or None."""
     if like.device.type == "meta":
         return None
-    x = _probe((64,), like) * 4
+    x = probe((64,), like) * 4
     with torch.no_grad():
         try:
             own = act(x)
@@ -184,6 +184,7 @@ def act_kind(act, like: torch.Tensor, *, exact: bool = True) -> str | None:
     return None
 
 
-def _probe(shape, like: torch.Tensor) -> torch.Tensor:
-    g = torch.Generator(device=like.device).manual_seed(0)
+def probe(shape, like: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A fixed random input of `shape` on `like`'s device and in its dtype (what wrap-time checks compare on)."""
+    g = torch.Generator(device=like.device).manual_seed(seed)
     return torch.randn(shape, generator=g, device=like.device).to(like.dtype)

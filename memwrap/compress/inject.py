@@ -106,8 +106,8 @@ def find_targets(model: nn.Module, config: WrapConfig, adapter, *,
             continue
         if weight is None or not isinstance(weight, torch.Tensor):
             skipped.append((name, f"{cls} has no weight tensor"))
-        elif quantized_kind(module, weight):
-            quantized.append((name, quantized_kind(module, weight)))
+        elif kind := quantized_kind(module, weight):
+            quantized.append((name, kind))
         elif type(module) is not nn.Linear:
             skipped.append((name, f"{cls} subclasses nn.Linear with its own forward; left exact"))
         elif not weight.requires_grad:

@@ -24,7 +24,7 @@ from torch import nn
 from ..compress.base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES
 from ..compress.inject import is_conv1d, name_matches, tied_parameter_ids
 from ..compress.loss import output_head
-from ..config import LayerPlan, WrapConfig
+from ..config import ATTENTION_8BIT, LayerPlan, WrapConfig
 from ..errors import InvalidSettingsError
 
 DTYPES = {"fp32": (torch.float32, 4), "float32": (torch.float32, 4), "bf16": (torch.bfloat16, 2),
@@ -362,7 +362,7 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
     chosen = set(range(s.layers)) if which == "all" else set(which)
     # a checkpointed layer keeps its norm and act(gate)·up savings (nested), not an MLP or attention recompute
     attention_rc = lambda i: sv["attention"] == "recompute" and i not in chosen  # noqa: E731
-    quant = lambda i: sv["attention"] in ("int8", "fp8") and i not in chosen  # noqa: E731
+    quant = lambda i: sv["attention"] in ATTENTION_8BIT and i not in chosen  # noqa: E731
     mlp_rc = lambda i: sv["mlp"] == "recompute" and i not in chosen  # noqa: E731
     act_recompute = sv["mlp"] in ("act", "recompute")
     parts["embeddings"] += N * INDEX_BYTES  # embedding saves the token ids

@@ -121,6 +121,5 @@ class LiveActivationMeter(TorchDispatchMode):
         for m in self._model.modules():
             for unit in [m] + list(m.__dict__.get(UNITS_ATTR, {}).values()):
                 group = getattr(unit, "group", None)
-                yield from getattr(group, "_p_cache", {}).values()
-                if getattr(group, "_slot", None) is not None:
-                    yield group._slot
+                if group is not None:
+                    yield from group.cached_projections()

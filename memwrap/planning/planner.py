@@ -29,7 +29,7 @@ from torch import nn
 from ..adapters import resolve
 from ..compress import inject
 from ..compress.projection import estimator_relative_variance
-from ..config import LayerPlan, Plan, WrapConfig, _fmt_bytes
+from ..config import ATTENTION_8BIT, LayerPlan, Plan, WrapConfig, _fmt_bytes
 from ..errors import BudgetTooSmallError, InvalidSettingsError
 from .estimate import (
     BUNDLED,
@@ -114,14 +114,15 @@ def step_flops(shape: ModelShape, seq_len: int) -> dict[str, float]:
     """Forward FLOPs per token of each region: attention (projections and scores), MLP, one layer, the head."""
     s = shape
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    attention = 2 * s.hidden * (2 * q + 2 * kv) + 4 * seq_len * q / 2  # q, k, v, o projections; causal scores
+    scores = 4 * seq_len * q / 2  # causal scores and their weighted sum
+    attention = 2 * s.hidden * (2 * q + 2 * kv) + scores  # q, k, v, o projections; the scores
     dense_mlp = 6 * s.hidden * s.intermediate
     moe_mlp = 6 * s.hidden * s.moe_intermediate * max(s.top_k, 1) + 2 * s.hidden * s.num_experts \
         + 6 * s.hidden * s.shared_intermediate
     moe = s.moe_layers
     mlp = ((s.layers - moe) * dense_mlp + moe * moe_mlp) / max(s.layers, 1)
     return {"attention": attention, "mlp": mlp, "layer": attention + mlp, "head": 2 * s.hidden * s.vocab,
-            "scores": 4 * seq_len * q / 2}
+            "scores": scores}
 
 
 def recompute_overhead(shape: ModelShape, savings: dict, seq_len: int) -> float:
@@ -130,7 +131,8 @@ def recompute_overhead(shape: ModelShape, savings: dict, seq_len: int) -> float:
     f = step_flops(shape, seq_len)
     which = savings.get("checkpoint_layers") or ()
     k = shape.layers if which == "all" else len(which)
-    attention = {"recompute": f["attention"], "int8": f["scores"], "fp8": f["scores"]}.get(savings.get("attention"), 0)
+    attention = {"recompute": f["attention"], **dict.fromkeys(ATTENTION_8BIT, f["scores"])}.get(
+        savings.get("attention"), 0)
     extra = k * f["layer"] + (shape.layers - k) * ((f["mlp"] if savings.get("mlp") == "recompute" else 0) + attention)
     if savings.get("loss_chunk"):
         extra += f["head"]
@@ -345,7 +347,7 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
                     "keep": "MLPs keep their activations"}[sv.get("mlp", "act")])
     if sv.get("attention") == "recompute":
         applied.append("attention recomputed")
-    elif sv.get("attention") in ("int8", "fp8"):
+    elif sv.get("attention") in ATTENTION_8BIT:
         applied.append(f"attention keeps {sv['attention']} q, k, v (lossy gradients)")
     which = sv.get("checkpoint_layers") or ()
     if which:
