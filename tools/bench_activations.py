@@ -126,9 +126,10 @@ def bundled_predictions(dtype: str = "bf16", batch: int = 8, seq: int = 2048, le
 
     a = est.dtype_from_name(dtype)[1]
     rows = {"linears only": {"norms": "keep", "mlp": "keep"}, "default": {}, "attention int8": {"attention": "int8"},
-            "mlp and attention": {"mlp": "recompute", "attention": "recompute"},
+            "mlp recompute": {"mlp": "recompute"}, "mlp and attention": {"mlp": "recompute", "attention": "recompute"},
             "every layer ckpt": {"checkpoint_layers": "all"}}
     head = f"{'model':<18}{'plain GB':>10}" + "".join(f"{k:>19}" for k in rows)
+    kept: list[str] = []
     lines = [f"byte model, {dtype}, batch {batch} × seq_len {seq}, c·r/m = 1/{round(1 / level)}", head, "-" * len(head)]
     for name in ("llama-2-7b", "qwen3-30b-a3b", "mixtral-8x7b"):
         sk = planner.sketch(name)
@@ -139,7 +140,12 @@ def bundled_predictions(dtype: str = "bf16", batch: int = 8, seq: int = 2048, le
             acts = est.saved_activations(sk.shape, sk.weights, layers, batch, seq, a, savings=options)
             cells.append(sum(v for k, v in acts.items() if not k.startswith("_")) / plain)
         lines.append(f"{name:<18}{plain / 1e9:>10.1f}" + "".join(f"{c:>19.3f}" for c in cells))
-    return "\n".join(lines)
+        if name == "llama-2-7b":  # what the default still keeps, by part, as a fraction of plain
+            parts = est.saved_activations(sk.shape, sk.weights, layers, batch, seq, a, savings={})
+            kept.append(f"{name} default keeps, of plain: " + ", ".join(
+                f"{k} {v / plain:.3f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])
+                if v and not k.startswith("_")))
+    return "\n".join(lines + kept)
 
 
 def main() -> None:
@@ -150,7 +156,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    ap.add_argument("--predictions-only", action="store_true", help="print the byte model at real shapes and stop")
     args = ap.parse_args()
+    if args.predictions_only:
+        print(bundled_predictions())
+        return
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     ids_list = [torch.randint(0, 256, (args.batch_size, args.seq_len), generator=g) for _ in range(3)]
