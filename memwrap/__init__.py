@@ -23,7 +23,7 @@ from .errors import (
     UnmergedUpdateError,
     UnsupportedArchitectureError,
 )
-from .integrations.checkpoint import load, load_optimizer, load_plan, save
+from .integrations import deepspeed_attach, load, load_optimizer, load_plan, save
 from .planning.planner import plan
 
 __version__ = "0.1.0"
@@ -34,4 +34,5 @@ __all__ = [
     "UnsupportedArchitectureError", "BudgetTooSmallError", "PlanMismatchError",
     "save", "load", "load_optimizer", "load_plan", "CheckpointError", "plan",
     "OptimizerBeforeWrapError", "UnmergedUpdateError", "register_first_moment", "report",
+    "deepspeed_attach",
 ]

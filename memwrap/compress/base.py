@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ..errors import UnmergedUpdateError, UnsupportedEngineError
+from ..errors import UnmergedUpdateError
 from .projection import draw_projection, projection_seed, subspace_transfer
 
 
@@ -323,22 +323,11 @@ class CompressedWeight:
         return p.detach() if self._base is None else local(p.detach()) - self._base
 
     def check_engine(self) -> None:
-        """Once, at the first forward: refuse engines that step flat copies of the parameters and write them back
-        behind autograd (DeepSpeed ZeRO), before any update could be lost."""
+        """Once, at the first forward: every ENGINE_CHECKS entry sees this layer (memwrap.integrations.deepspeed
+        attaches to the DeepSpeed engine running it, or refuses a ZeRO layer it cannot reach) before anything steps."""
         self._engine_checked = True
-        p = self.coords  # (FSDP2's forward sees an unsharded view into its all-gather buffer: supported, not flagged)
-        stage = None
-        if hasattr(p, "ds_id"):  # ZeRO-3 partitions every parameter
-            stage = "3"
-        elif hasattr(p, "_hp_mapping") or hasattr(p, "get_full_hp_param"):  # ZeRO 1/2: a link to the fp32 master
-            stage = "1 or 2"
-        if stage is not None:
-            raise UnsupportedEngineError(
-                f"wrapped layer {self.layer_name!r} is managed by DeepSpeed ZeRO stage {stage}: the engine steps flat "
-                "fp32 copies of the parameters and writes them back behind autograd, so memwrap cannot move the updates "
-                "of its coords into the frozen weight, and the run would silently train a fixed low-rank adapter. "
-                "Nothing has been stepped. memwrap supports plain PyTorch loops, the Trainer and accelerate without "
-                "DeepSpeed, DDP and FSDP2 (fully_shard); for DeepSpeed, train the unwrapped model.")
+        for check in ENGINE_CHECKS:
+            check(self)
 
     def check_pending(self) -> None:
         """Before a forward: merge coords written outside an optimizer step (seen by their version counter), and
@@ -383,6 +372,9 @@ class CompressedWeight:
             if torch.count_nonzero(local(pending)):
                 self.merge(pending, 1.0, 0)
             self._base = None
+
+
+ENGINE_CHECKS: list = []  # callables(unit) run at a layer's first forward; memwrap.integrations.deepspeed adds one
 
 
 class PreForwardCheck:

@@ -88,6 +88,8 @@ FIRST_MOMENTS: list[FirstMoment] = [
     FirstMoment(("Adagrad", "Adadelta", "Adafactor"), (), module="torch."),  # second moments only
     FirstMoment(("Adafactor",), ("exp_avg",), module="transformers"),  # present when beta1 is set
     FirstMoment(("Lion",), ("exp_avg",)),  # lion-pytorch, timm, ...
+    FirstMoment(("FusedAdam", "DeepSpeedCPUAdam", "FusedLion", "DeepSpeedCPULion", "FusedLamb"), ("exp_avg",),
+                module="deepspeed"),  # DeepSpeed's kernels, as DeepSpeed's basic optimizer
     FirstMoment(("Optimizer8bit", "Optimizer2State", "Optimizer1State"), ("state1",), module="bitsandbytes",
                 carry=_carry_blockwise_8bit),
 ]
@@ -153,6 +155,9 @@ def register(unit: CompressedWeight) -> None:
 
 def unregister(unit: CompressedWeight) -> None:
     _UNITS.discard(unit)
+    engine_link = unit.__dict__.get("_ds_link")  # memwrap.integrations.deepspeed: the engine's step goes back
+    if engine_link is not None:
+        engine_link.detach()
     _maybe_uninstall()
 
 
