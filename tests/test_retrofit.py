@@ -10,7 +10,7 @@ from test_ddp import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "retrofit.md")
-SCRIPTS = ("plain", "trainer", "trl", "nanogpt", "accelerate", "ddp", "fsdp2")
+SCRIPTS = ("plain", "trainer", "trl", "nanogpt", "accelerate", "ddp", "fsdp2", "deepspeed")
 
 
 def recipes() -> dict[str, list[str]]:
@@ -42,7 +42,8 @@ def test_every_recipe_diff_is_in_its_script():
 @pytest.mark.parametrize("name,launcher", [("plain", "python"), ("trainer", "python"), ("trainer", "torchrun"),
                                            ("trainer --compile", "python"), ("trl", "python"), ("nanogpt", "python"),
                                            ("accelerate", "python"),
-                                           ("accelerate", "torchrun"), ("ddp", "torchrun"), ("fsdp2", "torchrun")])
+                                           ("accelerate", "torchrun"), ("ddp", "torchrun"), ("fsdp2", "torchrun"),
+                                           ("deepspeed --stage 3", "deepspeed")])
 def test_recipe_script_runs_and_trains(tmp_path, name, launcher):
     name, *flags = name.split()
     if name == "trl":
@@ -51,6 +52,11 @@ def test_recipe_script_runs_and_trains(tmp_path, name, launcher):
     out = tmp_path / "out"
     if launcher == "torchrun":
         proc = torchrun(script, out)
+    elif launcher == "deepspeed":  # Trainer(deepspeed=ZeRO-3 config), 2 ranks; the script checks resume and export
+        pytest.importorskip("deepspeed")
+        from test_deepspeed import launch
+
+        proc = launch(script, *flags, str(out))
     else:  # compiled runs use AOTAutograd without code generation here: the graph, not the C++ compiler, is tested
         env = dict(os.environ, OMP_NUM_THREADS="1", MEMWRAP_COMPILE_BACKEND="aot_eager")
         args = [str(out)] if name in ("plain", "trainer", "trl", "accelerate") else []

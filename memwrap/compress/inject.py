@@ -150,7 +150,16 @@ def quantized_kind(module: nn.Module, weight: torch.Tensor) -> str | None:
 
 def check_supported(model: nn.Module, config: WrapConfig) -> None:
     """UnsupportedArchitectureError, before anything changes, for models memwrap cannot train correctly: PEFT
-    adapters already attached, and layers used under two names (wrap would replace only one of the uses)."""
+    adapters already attached, parameters already partitioned by DeepSpeed ZeRO-3, and layers used under two names
+    (wrap would replace only one of the uses)."""
+    partitioned = next((n for n, p in model.named_parameters() if hasattr(p, "ds_id")), None)
+    if partitioned is not None:
+        raise UnsupportedArchitectureError(
+            f"this model's parameters are already partitioned by DeepSpeed ZeRO-3 ({partitioned!r} is a shard): it was "
+            "built under deepspeed.zero.Init, which transformers does when TrainingArguments(deepspeed=<a stage-3 "
+            "config>) exist before the model is built. memwrap wraps whole layers: build and wrap the model first, "
+            "then create the TrainingArguments (or call deepspeed.initialize); ZeRO-3 then partitions the wrapped "
+            "model and memwrap merges each step into every rank's shard.")
     peft = [(n, type(m).__name__) for n, m in model.named_modules() if type(m).__module__.startswith("peft.")]
     if peft or getattr(model, "peft_config", None) is not None:
         where = f" ({peft[0][1]} at {peft[0][0]!r})" if peft else ""
