@@ -49,7 +49,8 @@ def wrapped_model():
 
 def train(model, out: str, stage: int, resume: str | None = None) -> tuple[Trainer, list[float]]:
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, max_steps=12, learning_rate=1e-2,
-                             max_grad_norm=1.0, save_steps=6, lr_scheduler_type="constant", logging_steps=1, report_to=[], disable_tqdm=True,
+                             max_grad_norm=1.0, save_steps=6, lr_scheduler_type="constant",
+                             logging_steps=1, report_to=[], disable_tqdm=True,
                              deepspeed=zero_config(stage), save_only_model=False)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[MemwrapCallback()])
     trainer.train(resume_from_checkpoint=resume)

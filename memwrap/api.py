@@ -78,6 +78,9 @@ def wrap(
     loss_chunk: int = 0,
     head: str = "auto",
     activation_dtype=None,
+    zero: int | None = None,
+    world_size: int | None = None,
+    offload_optimizer: bool = False,
 ) -> Plan:
     """Compress the model's linear (and MoE expert) layers in place and return the Plan that was applied.
 
@@ -96,8 +99,14 @@ def wrap(
     N × V logits never exist (the output's logits is then None; without labels they are returned as usual).
     head: the causal LM's untied lm_head: "auto" (compressed only when the budget planner needs it to stay at a
     coarser compression), "exact" (never) or "compress" (always, like every other linear).
+    zero (1, 2 or 3), world_size (default: torch.distributed's) and offload_optimizer: the model will train under
+    DeepSpeed ZeRO, so the budget is one rank's and the planner counts DeepSpeed's partitioned bytes
+    (docs/retrofit.md, DeepSpeed).
     """
     inject.require_unwrapped(model)
+    from .planning.planner import zero_spec
+
+    zero_setting = zero_spec(zero, world_size, offload_optimizer)  # InvalidSettingsError before anything changes
     if activation_dtype is not None:
         _activation_dtype_bytes(model, activation_dtype)  # InvalidSettingsError for an unknown dtype, before anything
     config = WrapConfig(rank=rank, granularity=granularity, projection=projection, refresh_every=refresh_every,
@@ -108,16 +117,17 @@ def wrap(
     config.validate()
     if plan is not None:
         if rank is not None or granularity is not None or budget_gb is not None or config.savings_changed() \
-                or head != "auto":
+                or head != "auto" or zero_setting is not None:
             raise InvalidSettingsError("pass either plan= or rank/granularity/budget_gb/norms/mlp/attention/"
-                                       "checkpoint_layers/head, not both: a plan fixes every setting.")
+                                       "checkpoint_layers/head/zero, not both: a plan fixes every setting.")
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         inject.check_plan_against_model(model, the_plan)
     else:
         from .planning import planner
 
         the_plan = planner.plan_for_model(model, config, budget_gb=budget_gb, batch_size=batch_size, seq_len=seq_len,
-                                          dtype_bytes=_activation_dtype_bytes(model, activation_dtype))
+                                          dtype_bytes=_activation_dtype_bytes(model, activation_dtype),
+                                          zero=zero_setting)
     blocks.check_options(model, the_plan.savings)  # InvalidSettingsError for options the model cannot take, first
     modules = inject.apply_plan(model, the_plan)
     monitor = None

@@ -107,8 +107,13 @@ def format_table(model: str, plan, baselines: dict) -> str:
               help="write the plan; memwrap.wrap(model, plan=PATH) applies it exactly")
 @click.option("--compress-experts/--no-compress-experts", default=None,
               help="preview with fused MoE experts compressed or exact (default: what this memwrap does)")
+@click.option("--zero", type=click.Choice(["1", "2", "3"]), default=None,
+              help="DeepSpeed ZeRO stage: the budget is one rank's, DeepSpeed's partitioned bytes are counted")
+@click.option("--world-size", type=str, default=None, help="ranks DeepSpeed partitions over (with --zero; default 1)")
+@click.option("--offload-optimizer", is_flag=True, help="ZeRO-Offload: optimizer states in CPU memory (with --zero)")
 def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len: str | None, dtype: str,
-             as_json: bool, save_path: str | None, compress_experts: bool | None) -> None:
+             as_json: bool, save_path: str | None, compress_experts: bool | None, zero: str | None,
+             world_size: str | None, offload_optimizer: bool) -> None:
     """Choose settings for MODEL (a bundled name, a local directory or a hub id) without loading any weights."""
     from .errors import BudgetTooSmallError
     from .planning import planner
@@ -128,12 +133,18 @@ def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len:
     budget = number("--budget-gb", budget_gb, float)
     batch = number("--batch-size", batch_size, int)
     seq = number("--seq-len", seq_len, int)
+    ranks = number("--world-size", world_size, int)
+    if (ranks is not None or offload_optimizer) and zero is None:
+        _fail("--world-size and --offload-optimizer describe DeepSpeed ZeRO: add --zero 1, 2 or 3.")
     try:
         dtype_bytes = dtype_from_name(dtype)[1]
+        zero_kw = dict(zero=int(zero) if zero else None, world_size=ranks, offload_optimizer=offload_optimizer)
+        spec = planner.zero_spec(**zero_kw)
         the_plan = planner.plan(model, budget_gb=budget, batch_size=batch, seq_len=seq, dtype=dtype,
-                                compress_experts=compress_experts)
+                                compress_experts=compress_experts, **zero_kw)
         sk = planner.sketch(model, compress_experts=compress_experts)
-        base = planner.baselines(sk, batch_size=the_plan.batch_size, seq_len=the_plan.seq_len, dtype_bytes=dtype_bytes)
+        base = planner.baselines(sk, batch_size=the_plan.batch_size, seq_len=the_plan.seq_len, dtype_bytes=dtype_bytes,
+                                 zero=spec)
     except BudgetTooSmallError as e:
         _fail(str(e))
     except MemwrapError as e:

@@ -75,6 +75,23 @@ def single(rank: int, world: int) -> list[float]:
     return losses
 
 
+def measured_bytes(engine) -> dict:
+    """This rank's bytes as DeepSpeed holds them: the module's parameters (their local shards under ZeRO-3) and the
+    optimizer's fp32 master partitions and moments (scalar step counts left out)."""
+    params = 0
+    for p in engine.module.parameters():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        params += local.numel() * local.element_size()
+    opt = engine.optimizer
+    masters = next(getattr(opt, name) for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+                                                   "fp32_groups_flat_partition") if hasattr(opt, name))
+    basic = opt.optimizer
+    states = sum(p.numel() * p.element_size() for p in masters)
+    states += sum(v.numel() * v.element_size() for st in basic.state.values() for v in st.values()
+                  if torch.is_tensor(v) and v.dim() > 0)
+    return {"params": params, "states": states}
+
+
 def run(kind: str, case: dict, rank: int) -> dict:
     model = tiny_llama(seed=0)
     if kind == "full":
@@ -97,6 +114,7 @@ def run(kind: str, case: dict, rank: int) -> dict:
     out = {"losses": losses, "coords_abs_max": max(coords, default=0.0),
            "moved": max(float((end[k] - start[k]).abs().max()) for k in end),
            "steps": sorted({u.steps for u in units}), "refresh": sorted({u.refresh_index for u in units}),
+           "bytes": measured_bytes(engine),
            "weights": {k: v.flatten()[:64].tolist() for k, v in end.items()}}
     if kind != "plain":
         memwrap.unwrap(engine.module)

@@ -56,6 +56,17 @@ def test_plan_table_has_breakdown_beside_baselines(config_dir):
         assert any(line.startswith(kind) for line in res.output.splitlines())
 
 
+def test_plan_with_deepspeed_zero_per_rank():
+    res = run("plan", "llama-2-7b", "--budget-gb", "40", "--zero", "3", "--world-size", "8", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    plain = json.loads(run("plan", "llama-2-7b", "--budget-gb", "40", "--json").output)
+    assert data["baselines"]["AdamW"]["weights"] * 7 < plain["baselines"]["AdamW"]["weights"]  # ZeRO-3 shards W
+    assert any("ZeRO-3 over 8 rank(s)" in n for n in data["plan"]["notes"])
+    res = run("plan", "llama-2-7b", "--budget-gb", "40", "--world-size", "8")
+    assert res.exit_code == 2 and "add --zero" in res.output
+
+
 @pytest.mark.parametrize("args, words", [
     (["no-such-org/no-such-model-xyz"], "bundled name"),
     (["llama-2-7b", "--budget-gb", "0"], "positive"),

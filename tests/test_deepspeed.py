@@ -101,3 +101,28 @@ def test_what_cannot_be_exact_is_refused_before_any_step(ds_result):
         assert "FP16_UnfusedOptimizer" in got["bf16-no-zero"] and "ZeRO stages 1, 2 and 3" in got["bf16-no-zero"]
         assert "torch optimizer" in got["memwrap-optimizer"]
         assert "memwrap.deepspeed_attach(engine)" in got["module-called"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["z1", "z2", "z3", "z3-shards", "z2-bf16", "z3-bf16"])
+def test_planner_predicts_each_ranks_parameter_and_optimizer_bytes(ds_result, case):
+    """The planner's DeepSpeed byte model (memwrap.planning.estimate.zero_bytes) against what the engines hold on each
+    rank: parameters (their shards under ZeRO-3) and the fp32 master + AdamW moments, plain and compressed."""
+    from tiny import tiny_llama
+
+    import memwrap
+    from memwrap.planning.estimate import ZeroSpec, enumerate_weights, zero_bytes
+
+    stage = int(case[1])
+    pb = 2 if "bf16" in case else 4
+    weights = enumerate_weights(tiny_llama(), exclude=())
+    layers = memwrap.wrap(tiny_llama(), rank=4, granularity=4, refresh_every=2).layers
+    for kind, plan_layers in (("plain", None), ("compressed", layers)):
+        params, _, states, _, _ = zero_bytes(weights, plan_layers, pb, ZeroSpec(stage, world_size=2))
+        got = [rank[case][kind]["bytes"] for rank in ds_result]
+        for measured in got:  # DeepSpeed pads each partition to an alignment: a few hundred bytes at most
+            assert abs(measured["params"] - params) <= 4096, (kind, measured, params)
+            assert abs(measured["states"] - states) <= 4096, (kind, measured, states)
+        if kind == "compressed":
+            plain = [rank[case]["plain"]["bytes"]["states"] for rank in ds_result]
+            assert all(m["states"] < 0.6 * p for m, p in zip(got, plain))  # the point of it: coords-sized states

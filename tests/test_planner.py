@@ -137,7 +137,10 @@ def test_plan_from_config_directory_reapplies_exactly(tmp_path):
 
 @pytest.mark.parametrize("kwargs", [dict(budget_gb=0), dict(budget_gb=-3), dict(budget_gb=float("nan")),
                                     dict(budget_gb="24"), dict(batch_size=0), dict(seq_len=-1),
-                                    dict(batch_size=2.5)])
+                                    dict(batch_size=2.5), dict(budget_gb=1, zero=4), dict(budget_gb=1, zero=True),
+                                    dict(budget_gb=1, world_size=8), dict(budget_gb=1, zero=2, world_size=0),
+                                    dict(budget_gb=1, zero=2, offload_optimizer="yes"),
+                                    dict(plan=memwrap.Plan(layers=()), zero=2)])
 def test_bad_settings_raise_before_mutation(kwargs):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -179,3 +182,36 @@ def test_moe_plan_from_config_equals_plan_from_instance(family, tmp_path):
     assert plan.expert_layers and [lp.to_dict() for lp in plan.layers] == [lp.to_dict() for lp in same.layers]
     assert dict(plan.memory) == dict(same.memory)
     assert memwrap.wrap(model, plan=plan) == plan
+
+
+def test_deepspeed_zero_counts_one_ranks_bytes():
+    """Under ZeRO the budget is one rank's: the planner's parts follow DeepSpeed's partitioning, so the same budget
+    fits at least as coarse a compression as more ranks share the states, and ZeRO-3 shards the weights themselves."""
+    kw = dict(budget_gb=40, batch_size=8, seq_len=2048)
+    single = planner.plan("llama-2-7b", **kw)
+    levels, by_stage = [], {}
+    for world in (2, 8):
+        for stage in (1, 2, 3):
+            p = planner.plan("llama-2-7b", zero=stage, world_size=world, **kw)
+            parts = dict(p.memory)
+            assert parts["peak"] <= p.budget_bytes
+            assert any(f"ZeRO-{stage} over {world} rank(s)" in n for n in p.notes)
+            by_stage[stage, world] = parts
+            levels.append(p.layers[0].c * p.layers[0].r / p.layers[0].in_features)
+    # the same layers at 8 ranks: ZeRO-3 keeps 1/8 of the weights, stages 1-2 all of them (16-bit W and coords)
+    weights = dict(single.memory)["weights"]
+    assert by_stage[3, 8]["weights"] < by_stage[1, 8]["weights"] / 4
+    assert by_stage[2, 8]["gradients"] < by_stage[1, 8]["gradients"]
+    assert weights <= by_stage[1, 8]["weights"]  # coords are parameters DeepSpeed keeps in 16 bits
+    offloaded = planner.plan("llama-2-7b", zero=2, world_size=8, offload_optimizer=True, **kw)
+    assert dict(offloaded.memory)["optimizer states"] == 0
+    assert any("CPU memory" in n for n in offloaded.notes)
+
+
+def test_wrap_with_zero_plans_per_rank_and_applies():
+    model = tiny_llama()
+    plain = memwrap.wrap(tiny_llama(), budget_gb=0.01, batch_size=4, seq_len=64)
+    plan = memwrap.wrap(model, budget_gb=0.01, batch_size=4, seq_len=64, zero=3, world_size=4)
+    assert any("ZeRO-3 over 4 rank(s)" in n for n in plan.notes) and not any("ZeRO" in n for n in plain.notes)
+    assert plan.optimizer == "adamw"  # DeepSpeed's AdamW steps the coords; ProjFactor is never counted there
+    assert memwrap.compress.inject.is_wrapped(model)

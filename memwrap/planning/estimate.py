@@ -549,6 +549,61 @@ def saved_activations(shape: ModelShape, weights: list[Weight], layers: tuple[La
     return parts
 
 
+@dataclass(frozen=True)
+class ZeroSpec:
+    """DeepSpeed ZeRO as the planner counts it, per rank: stage 1 partitions the fp32 master copy and the optimizer
+    moments over `world_size` ranks, stage 2 the gradients too, stage 3 the (16-bit) parameters too; `offload` keeps
+    the master and moments in CPU memory instead."""
+
+    stage: int
+    world_size: int = 1
+    offload: bool = False
+
+    def describe(self) -> str:
+        return f"DeepSpeed ZeRO-{self.stage} over {self.world_size} rank(s)" + (", optimizer offloaded to the CPU"
+                                                                                 if self.offload else "")
+
+
+ZERO_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements): ZeRO-2/3 reduce buffer
+
+
+def zero_bytes(weights: list[Weight], layers: tuple[LayerPlan, ...] | None, param_bytes: int,
+               zero: ZeroSpec) -> tuple[int, int, int, int, int]:
+    """(parameter, gradient, optimizer-state, offloaded, transient) bytes on one rank under DeepSpeed ZeRO.
+
+    DeepSpeed optimizes every trainable parameter through a flat fp32 master copy (4 bytes) and AdamW's two fp32
+    moments (8 bytes), partitioned over the ranks from stage 1 (in CPU memory with `offload`); the gradients are
+    16-bit (the parameters' dtype), partitioned from stage 2, plus the fp32 gradient partition the step reads; the
+    parameters themselves are partitioned at stage 3. Under memwrap the trainable parameters of a wrapped layer are
+    its coords (its frozen W is a parameter like any other: replicated below stage 3, partitioned at it)."""
+    plan = _layer_settings(layers)
+    frozen = trainable = 0
+    for w in weights:
+        lp = plan.get(w.name)
+        if lp is not None:
+            frozen += w.numel
+            trainable += lp.coords_numel
+        elif w.trainable:
+            trainable += w.numel
+        else:
+            frozen += w.numel
+    world = max(1, zero.world_size)
+
+    def part(n: int, from_stage: int) -> int:
+        return -(-n // world) if zero.stage >= from_stage else n
+
+    params = (part(frozen, 3) + part(trainable, 3)) * param_bytes
+    grads = part(trainable, 2) * param_bytes
+    if param_bytes != FP32:  # the fp32 gradient partition the step reads
+        grads += part(trainable, 1) * FP32
+    master_and_moments = part(trainable, 1) * 3 * FP32
+    states, offloaded = (0, master_and_moments) if zero.offload else (master_and_moments, 0)
+    transient = min(ZERO_REDUCE_BUCKET, trainable) * param_bytes if zero.stage >= 2 else 0
+    if zero.stage >= 3:  # forward and backward gather one layer's parameters whole
+        transient += max((w.numel for w in weights), default=0) * param_bytes
+    return params, grads, states, offloaded, transient
+
+
 def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
     return tokens * shape.vocab * dtype_bytes
 
@@ -556,18 +611,24 @@ def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
 def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, ...] | None, *, batch_size: int,
              seq_len: int, dtype_bytes: int, param_bytes: int | None = None, optimizer: str = "adamw",
              gradient_checkpointing: bool = False, chunked_cross_entropy: bool = False,
-             ce_chunk_tokens: int = 1024, savings: dict | None = None, coords_bytes: int = FP32) -> Estimate:
+             ce_chunk_tokens: int = 1024, savings: dict | None = None, coords_bytes: int = FP32,
+             zero: ZeroSpec | None = None) -> Estimate:
     """Predicted peak of one training step (forward, backward, optimizer step) with the given layer settings.
 
     layers=None is plain training (every weight exact). The peak is the larger of the end of forward
     (weights + optimizer states + saved activations + live logits + the largest transient) and the
     optimizer step (weights + gradients + states). Coords take no bytes of their own: memwrap.optimizer, which the
     plan names, releases their storage (they stay zero under it) and keeps only their gradient (`coords_bytes` each).
+    zero: the bytes of one rank under DeepSpeed ZeRO instead (`zero_bytes`; its AdamW steps the coords).
     """
     pb = param_bytes or dtype_bytes
     N = batch_size * seq_len
-    weight_bytes = sum(w.numel for w in weights) * pb
-    grads, states = trainable_bytes(weights, layers, pb, optimizer, coords_bytes)
+    zero_transient = offloaded = 0
+    if zero is not None:
+        weight_bytes, grads, states, offloaded, zero_transient = zero_bytes(weights, layers, pb, zero)
+    else:
+        weight_bytes = sum(w.numel for w in weights) * pb
+        grads, states = trainable_bytes(weights, layers, pb, optimizer, coords_bytes)
     if layers is not None and (savings or {}).get("loss_chunk"):
         chunked_cross_entropy, ce_chunk_tokens = True, savings["loss_chunk"]
     elif chunked_cross_entropy and layers is not None:
@@ -590,7 +651,7 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
     per_row = (2 * FP32 + dtype_bytes) if chunked_cross_entropy and layers is not None else (FP32 + dtype_bytes)
     transient = max(rows * shape.vocab * per_row,
                     N * max(shape.intermediate, shape.moe_intermediate * max(shape.top_k, 1)) * dtype_bytes * 2,
-                    recompute)
+                    recompute) + zero_transient
     forward_peak = weight_bytes + states + saved + live_logits + transient
     # the step's transient: an exact weight's optimizer temporaries (memwrap.optimizer works a block of rows at a
     # time; plain AdamW's single-tensor path holds two temporaries of the weight), or one block of a merge
@@ -602,5 +663,7 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
     peak = max(forward_peak, step_peak)
     parts = (("weights", weight_bytes), ("gradients", grads), ("optimizer states", states),
              ("saved activations", saved), ("logits", live_logits), ("largest transient", transient))
-    return Estimate(parts=parts, peak_bytes=int(peak), saved_activation_bytes=int(saved),
-                    details={"activations": acts, "forward_peak": forward_peak, "step_peak": step_peak})
+    details = {"activations": acts, "forward_peak": forward_peak, "step_peak": step_peak}
+    if zero is not None:
+        details.update(zero=zero.describe(), offloaded_bytes=offloaded)
+    return Estimate(parts=parts, peak_bytes=int(peak), saved_activation_bytes=int(saved), details=details)

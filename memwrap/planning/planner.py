@@ -36,6 +36,7 @@ from .estimate import (
     Estimate,
     ModelShape,
     Weight,
+    ZeroSpec,
     dtype_from_name,
     enumerate_weights,
     estimate,
@@ -160,9 +161,9 @@ class Choice:
 
 
 def _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer=PLAN_OPTIMIZER,
-              coords_bytes=4):
+              coords_bytes=4, zero=None):
     return estimate(shape, weights, layers, batch_size=batch, seq_len=seq, dtype_bytes=dtype_bytes,
-                    param_bytes=param_bytes, optimizer=optimizer, savings=savings, coords_bytes=coords_bytes)
+                    param_bytes=param_bytes, optimizer=optimizer, savings=savings, coords_bytes=coords_bytes, zero=zero)
 
 
 def _with_layers(savings: dict, k: int, n_layers: int) -> dict:
@@ -183,7 +184,7 @@ def loss_chunk_rows(shape: ModelShape, dtype_bytes: int) -> int:
 
 
 def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, param_bytes, fixed=None,
-            optimizer=PLAN_OPTIMIZER, coords_bytes=4) -> Choice | None:
+            optimizer=PLAN_OPTIMIZER, coords_bytes=4, zero=None) -> Choice | None:
     """At one compression: the fastest recompute choice that fits (fewest checkpointed layers, by bisection)."""
     causal = shape.family == "decoder"
     chunk_rows = loss_chunk_rows(shape, dtype_bytes)
@@ -197,7 +198,7 @@ def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, pa
     for base in bases:
         def peak(k, base=base):
             return _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes,
-                             _with_layers(base, k, L), optimizer, coords_bytes).peak_bytes
+                             _with_layers(base, k, L), optimizer, coords_bytes, zero).peak_bytes
 
         if fixed is not None:
             ks = [0]
@@ -215,7 +216,7 @@ def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, pa
         for k in ks:
             savings = base if fixed is not None else _with_layers(base, k, L)
             est = _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer,
-                            coords_bytes)
+                            coords_bytes, zero)
             if est.peak_bytes > budget_bytes:
                 continue
             choice = Choice(layers, 0.0, savings, est, recompute_overhead(shape, savings, seq), optimizer)
@@ -235,7 +236,7 @@ def sibling_groups(layers: tuple[LayerPlan, ...]) -> list[str]:
 
 
 def refine(shape, weights, choice: Choice, index: int, *, budget_bytes, batch, seq, dtype_bytes, param_bytes,
-           fixed=None, coords_bytes=4) -> Choice:
+           fixed=None, coords_bytes=4, zero=None) -> Choice:
     """Rank and granularity per layer: from the level the plan fits at, move whole sibling groups to the next coarser
     level (smallest groups first, so the most layers gain) while some recompute choice still fits — the budget
     between two levels buys quality, not idle bytes. The largest number of groups that fits is found by bisection
@@ -259,7 +260,7 @@ def refine(shape, weights, choice: Choice, index: int, *, budget_bytes, batch, s
     def attempt(k: int) -> Choice | None:
         return best_at(shape, weights, layers_with(k), budget_bytes=budget_bytes, batch=batch, seq=seq,
                        dtype_bytes=dtype_bytes, param_bytes=param_bytes, fixed=fixed, optimizer=choice.optimizer,
-                       coords_bytes=coords_bytes)
+                       coords_bytes=coords_bytes, zero=zero)
 
     lo, hi, best = 0, len(groups), None  # lo fits (k = 0 is the choice itself)
     while lo < hi:
@@ -278,25 +279,28 @@ def refine(shape, weights, choice: Choice, index: int, *, budget_bytes, batch, s
 
 def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, budget_bytes: int, batch_size: int,
            seq_len: int, dtype_bytes: int, param_bytes: int, fixed: dict | None = None, coords_bytes: int = 4,
-           head: Target | None = None) -> Choice:
+           head: Target | None = None, zero: ZeroSpec | None = None) -> Choice:
     """Quality first, then speed: the least compression at which some recompute choice fits, and at it the fastest
     choice; BudgetTooSmallError naming the smallest budget and the largest batch that fit.
 
-    head: the output head, compressed (at the level of the plan) only where that keeps the plan from a finer level."""
+    head: the output head, compressed (at the level of the plan) only where that keeps the plan from a finer level.
+    zero: bytes per rank under DeepSpeed ZeRO, whose own AdamW steps the coords (memwrap's ProjFactor cannot run there).
+    """
     for level in LEVELS:
         # ProjFactor (fewer state bytes, ~4-5% loss) only where it keeps the plan from going finer than a floor
-        optimizers = (PLAN_OPTIMIZER, "projfactor") if level in (QUALITY_FLOOR, HARD_FLOOR) else (PLAN_OPTIMIZER,)
+        optimizers = (PLAN_OPTIMIZER, "projfactor") if level in (QUALITY_FLOOR, HARD_FLOOR) and zero is None \
+            else (PLAN_OPTIMIZER,)
         for optimizer in optimizers:
             for with_head in (False, True) if head is not None else (False,):
                 layers = layers_at(targets + ([head] if with_head else []), level, dtype_bytes)
                 got = best_at(shape, weights, layers, budget_bytes=budget_bytes, batch=batch_size, seq=seq_len,
                               dtype_bytes=dtype_bytes, param_bytes=param_bytes, fixed=fixed, optimizer=optimizer,
-                              coords_bytes=coords_bytes)
+                              coords_bytes=coords_bytes, zero=zero)
                 if got is not None:
                     got = replace(got, level=level, head=with_head)
                     got = refine(shape, weights, got, LEVELS.index(level), budget_bytes=budget_bytes,
                                  batch=batch_size, seq=seq_len, dtype_bytes=dtype_bytes, param_bytes=param_bytes,
-                                 fixed=fixed, coords_bytes=coords_bytes)
+                                 fixed=fixed, coords_bytes=coords_bytes, zero=zero)
                     return got
     cheapest_layers = layers_at(targets + ([head] if head is not None else []), LEVELS[-1], dtype_bytes)
     chunk_rows = loss_chunk_rows(shape, dtype_bytes) if shape.family == "decoder" else 0
@@ -305,7 +309,7 @@ def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, b
 
     def need(b: int) -> int:
         return _estimate(shape, weights, cheapest_layers, b, seq_len, dtype_bytes, param_bytes, cheapest,
-                         coords_bytes=coords_bytes).peak_bytes
+                         coords_bytes=coords_bytes, zero=zero).peak_bytes
 
     least = need(batch_size)
     max_batch = 0
@@ -318,6 +322,8 @@ def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, b
             hi = mid - 1
     where = (f"fits at batch {max_batch}" if max_batch else
              f"does not fit even at batch 1 with seq_len {seq_len}; use a shorter sequence or a larger device")
+    if zero is not None:
+        where += f" ({zero.describe()}, per rank)"
     raise BudgetTooSmallError(
         f"nothing fits a budget of {_fmt_bytes(budget_bytes)}: needs at least {_fmt_bytes(least)} at batch "
         f"{batch_size} × seq_len {seq_len} (with the smallest rank, every layer checkpointed and the chunked "
@@ -327,7 +333,8 @@ def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, b
 def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tuple[str, ...]:
     """What the plan chose and why, for the user to read; nothing here asks the user to act."""
     sv = choice.savings
-    notes = [f"budget from {source}",
+    zero = choice.estimate.details.get("zero")
+    notes = [f"budget from {source}" + (f", per rank under {zero}" if zero else ""),
              f"compression c·r/m = 1/{round(1 / choice.level)}: mean relative gradient variance "
              f"{relative_variance(choice.layers):.1f} (0 is exact)"]
     if choice.moved:
@@ -355,6 +362,12 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
     if sv.get("loss_chunk"):
         applied.append(f"chunked cross-entropy ({sv['loss_chunk']} tokens at a time; training forwards with labels "
                        "return the loss and logits=None)")
+    offloaded = choice.estimate.details.get("offloaded_bytes")
+    if offloaded:
+        notes.append(f"optimizer states in CPU memory (ZeRO-Offload), not in the budget: {_fmt_bytes(offloaded)} per rank")
+    if zero:
+        notes.append("DeepSpeed's optimizer steps the coords (fp32 master + AdamW moments, partitioned); memwrap merges "
+                     "each step into the frozen weights")
     if choice.optimizer == "projfactor":
         notes.append("optimizer states counted for ProjFactor (memwrap.optimizer(model) builds it): a factored "
                      "second moment instead of subspace AdamW's, which does not fit at this compression; about 4-5% "
@@ -378,6 +391,26 @@ def _validate(budget_gb, batch_size, seq_len) -> None:
         if isinstance(budget_gb, bool) or not isinstance(budget_gb, (int, float)) or not math.isfinite(budget_gb) \
                 or budget_gb <= 0:
             raise InvalidSettingsError(f"budget_gb={budget_gb!r} must be a positive number of gigabytes (1 GB = 1e9 bytes).")
+
+
+def zero_spec(zero, world_size=None, offload_optimizer=False) -> ZeroSpec | None:
+    """The DeepSpeed ZeRO setting a plan counts bytes for (None: no DeepSpeed); InvalidSettingsError for bad input.
+    world_size defaults to torch.distributed's when it is initialized, else 1."""
+    if zero is None:
+        if world_size is not None or offload_optimizer:
+            raise InvalidSettingsError("world_size= and offload_optimizer= describe DeepSpeed ZeRO: pass zero=1, 2 or 3 "
+                                       "with them (or leave them out for a single process).")
+        return None
+    if isinstance(zero, bool) or zero not in (1, 2, 3):
+        raise InvalidSettingsError(f"zero={zero!r} must be the DeepSpeed ZeRO stage: 1, 2 or 3 (None without DeepSpeed).")
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if torch.distributed.is_available() \
+            and torch.distributed.is_initialized() else 1
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise InvalidSettingsError(f"world_size={world_size!r} must be a positive whole number of ranks.")
+    if not isinstance(offload_optimizer, bool):
+        raise InvalidSettingsError(f"offload_optimizer={offload_optimizer!r} must be True or False.")
+    return ZeroSpec(int(zero), world_size, offload_optimizer)
 
 
 def resolve_budget(budget_gb: float | None) -> tuple[int, str]:
@@ -424,8 +457,9 @@ def _head_target(model: nn.Module, config: WrapConfig, adapter, candidates, allo
 
 
 def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batch_size=None, seq_len=None,
-                   dtype_bytes: int = 4) -> Plan:
-    """Find targets and settle (c, r) for each (explicit settings, else by budget); raises before any mutation."""
+                   dtype_bytes: int = 4, zero: ZeroSpec | None = None) -> Plan:
+    """Find targets and settle (c, r) for each (explicit settings, else by budget); raises before any mutation.
+    zero: count one rank's bytes under DeepSpeed ZeRO (`zero_spec`)."""
     _validate(budget_gb, batch_size, seq_len)
     adapter = resolve(model)
     candidates, skipped = inject.find_targets(model, config, adapter)
@@ -453,7 +487,7 @@ def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batc
     choice = choose(shape, weights, targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
                     dtype_bytes=dtype_bytes, param_bytes=param_bytes,
                     fixed=config.savings if config.savings_changed() else None,
-                    coords_bytes=2 if param is not None and param.dtype == torch.bfloat16 else 4, head=head)
+                    coords_bytes=2 if param is not None and param.dtype == torch.bfloat16 else 4, head=head, zero=zero)
     return _finish(base, choice, budget_bytes, batch, seq, _DTYPE_NAMES.get(dtype_bytes, f"{dtype_bytes}-byte"), source,
                    shape)
 
@@ -514,13 +548,16 @@ def _sketch(model: str, config: WrapConfig, compress_experts: bool) -> ModelSket
 
 
 def plan(model: str, budget_gb: float | None = None, batch_size: int | None = None, seq_len: int | None = None,
-         dtype: str = "bf16", *, compress_experts: bool | None = None, **wrap_kwargs) -> Plan:
+         dtype: str = "bf16", *, compress_experts: bool | None = None, zero: int | None = None,
+         world_size: int | None = None, offload_optimizer: bool = False, **wrap_kwargs) -> Plan:
     """Plan a model from its config alone (nothing loaded); `wrap(model, plan=...)` applies the result exactly.
 
-    dtype is that of the weights and activations (fp32, bf16, fp16). Raises BudgetTooSmallError when
+    dtype is that of the weights and activations (fp32, bf16, fp16). zero (1, 2, 3), world_size and
+    offload_optimizer: the budget is one rank's under DeepSpeed ZeRO. Raises BudgetTooSmallError when
     nothing fits, InvalidSettingsError for bad input or an unknown model.
     """
     _validate(budget_gb, batch_size, seq_len)
+    zero = zero_spec(zero, world_size, offload_optimizer)
     _, dtype_bytes = dtype_from_name(dtype)
     config = WrapConfig(**wrap_kwargs)
     config.validate()
@@ -533,7 +570,7 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     choice = choose(sk.shape, sk.weights, sk.targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
                     dtype_bytes=dtype_bytes, param_bytes=dtype_bytes,
                     fixed=config.savings if config.savings_changed() else None,
-                    coords_bytes=2 if dtype.lower() in ("bf16", "bfloat16") else 4, head=sk.head)
+                    coords_bytes=2 if dtype.lower() in ("bf16", "bfloat16") else 4, head=sk.head, zero=zero)
     planned = {t.name for t in sk.targets}
     skipped = sk.skipped + tuple((w.name, "fused experts left exact (compress_experts=False)") for w in sk.weights
                                  if w.kind == "experts" and w.name not in planned)
@@ -545,10 +582,11 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     return _finish(base, choice, budget_bytes, batch, seq, dtype.lower(), source, sk.shape)
 
 
-def baselines(sk: ModelSketch, *, batch_size: int, seq_len: int, dtype_bytes: int) -> dict[str, Estimate]:
-    """Plain AdamW and AdamW + gradient checkpointing (every weight exact), for comparison tables."""
+def baselines(sk: ModelSketch, *, batch_size: int, seq_len: int, dtype_bytes: int,
+              zero: ZeroSpec | None = None) -> dict[str, Estimate]:
+    """Plain AdamW and AdamW + gradient checkpointing (every weight exact; per rank under `zero`), for tables."""
     def adamw(ckpt: bool) -> Estimate:
         return estimate(sk.shape, sk.weights, None, batch_size=batch_size, seq_len=seq_len, dtype_bytes=dtype_bytes,
-                        param_bytes=dtype_bytes, optimizer="adamw", gradient_checkpointing=ckpt)
+                        param_bytes=dtype_bytes, optimizer="adamw", gradient_checkpointing=ckpt, zero=zero)
 
     return {"AdamW": adamw(False), "AdamW+ckpt": adamw(True)}
