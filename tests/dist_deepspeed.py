@@ -26,11 +26,25 @@ CASES = {
     "z3-bf16": {"stage": 3, "bf16": True},
     "z2-offload": {"stage": 2, "zero": {"offload_optimizer": {"device": "cpu"}}},  # ZeRO-Offload: states on the CPU
     "z3-offload": {"stage": 3, "zero": {"offload_optimizer": {"device": "cpu"}}},
+    "z2-accum": {"stage": 2, "accumulate": 2},  # gradient accumulation: the step (and merge) every 2nd micro-batch
+    # fused MoE experts, ZeRO-3 with every weight sharded: Qwen3-MoE ((E, n, m) experts), GPT-OSS (transposed, biased)
+    "z3-qwen3-moe": {"stage": 3, "family": "qwen3_moe", "zero": {"stage3_param_persistence_threshold": 0}},
+    "z3-gpt-oss": {"stage": 3, "family": "gpt_oss", "zero": {"stage3_param_persistence_threshold": 0}},
 }
 
 
+def build(case: dict):
+    if "family" in case:
+        from families import tiny
+
+        return tiny(case["family"])
+    return tiny_llama(seed=0)
+
+
 def config(case: dict) -> dict:
-    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**6,
+    accumulate = case.get("accumulate", 1)
+    cfg = {"train_micro_batch_size_per_gpu": 2 // accumulate, "gradient_accumulation_steps": accumulate,
+           "steps_per_print": 10**6,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}},
            "zero_optimization": dict({"stage": case["stage"]}, **case.get("zero", {}))}
     if "offload_optimizer" in case.get("zero", {}):  # torch AdamW, not DeepSpeedCPUAdam (a C++ build)
@@ -53,8 +67,9 @@ def coords_abs_max(engine) -> float:
         return max((float(p.detach().abs().max()) for p in params), default=0.0)
 
 
-def batch(rank: int, step: int) -> torch.Tensor:
-    return token_batch(2, 16, seed=100 * (step % 2) + rank)  # two batches per rank, alternating: the loss falls
+def batch(rank: int, step: int, vocab: int = 256) -> torch.Tensor:
+    """Two batches per rank, alternating: the loss falls."""
+    return token_batch(2, 16, vocab=vocab, seed=100 * (step % 2) + rank)
 
 
 def single(rank: int, world: int) -> list[float]:
@@ -93,21 +108,24 @@ def measured_bytes(engine) -> dict:
 
 
 def run(kind: str, case: dict, rank: int) -> dict:
-    model = tiny_llama(seed=0)
+    model = build(case)
     if kind == "full":
-        memwrap.wrap(model, plan=full_rank(memwrap.wrap(tiny_llama(seed=0), rank=4, granularity=2)))
+        memwrap.wrap(model, plan=full_rank(memwrap.wrap(build(case), rank=4, granularity=2)))
     elif kind == "compressed":
         memwrap.wrap(model, rank=4, granularity=4, refresh_every=2)
     engine = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                   config=config(case))[0]
     start = weights(engine)
     losses, coords = [], []
+    vocab = engine.module.config.vocab_size
     for step in range(STEPS):
-        ids = batch(rank, step)
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+        micro = []
+        for ids in batch(rank, step, vocab).chunk(case.get("accumulate", 1)):  # the engine steps on the last one
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            micro.append(loss.item())
+        losses.append(sum(micro) / len(micro))
         coords.append(coords_abs_max(engine))
     end = weights(engine)
     units = memwrap.compress.merge.units_of(engine.module)

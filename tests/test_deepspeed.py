@@ -16,7 +16,8 @@ from test_ddp import free_port
 pytest.importorskip("deepspeed")
 
 HERE = os.path.dirname(__file__)
-FP32 = ["z1", "z2", "z3", "z3-shards", "z2-offload", "z3-offload"]
+FP32 = ["z1", "z2", "z3", "z3-shards", "z2-offload", "z3-offload", "z2-accum"]
+MOE = ["z3-qwen3-moe", "z3-gpt-oss"]
 BF16 = ["z1-bf16", "z2-bf16", "z3-bf16"]
 
 
@@ -33,7 +34,7 @@ def launch(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def ds_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    names = FP32 + BF16 + ["checkpoint:z2", "checkpoint:z3", "refusals"]
+    names = FP32 + BF16 + MOE + ["checkpoint:z2", "checkpoint:z3", "refusals"]
     launch(os.path.join(HERE, "dist_deepspeed.py"), str(out), ",".join(names))
     return [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
 
@@ -43,7 +44,7 @@ def rel(a: float, b: float) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", FP32)
+@pytest.mark.parametrize("case", FP32 + MOE)
 def test_full_rank_equals_plain_deepspeed(ds_result, case):
     for rank in ds_result:
         plain, full = rank[case]["plain"], rank[case]["full"]
@@ -126,3 +127,15 @@ def test_planner_predicts_each_ranks_parameter_and_optimizer_bytes(ds_result, ca
         if kind == "compressed":
             plain = [rank[case]["plain"]["bytes"]["states"] for rank in ds_result]
             assert all(m["states"] < 0.6 * p for m, p in zip(got, plain))  # the point of it: coords-sized states
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MOE)
+def test_fused_experts_train_on_every_ranks_shard(ds_result, case):
+    """Fused MoE experts ((E, n, m) and transposed (E, m, n) with bias) under ZeRO-3 with every weight sharded:
+    compressed, P refreshed every 2 steps, the loss falls, nothing stays in coords and both ranks hold the same W."""
+    runs = [rank[case]["compressed"] for rank in ds_result]
+    for run in runs:
+        assert run["steps"] == [5] and run["refresh"] == [2] and run["coords_abs_max"] == 0.0
+        assert run["losses"][-1] < run["losses"][0] and run["moved"] > 0
+    assert runs[0]["weights"] == runs[1]["weights"]

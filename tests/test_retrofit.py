@@ -39,12 +39,13 @@ def test_every_recipe_diff_is_in_its_script():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,launcher", [("plain", "python"), ("trainer", "python"), ("trainer", "torchrun"),
+@pytest.mark.parametrize("name,launcher", [("plain", "python"), ("trainer", "torchrun"),
                                            ("trainer --compile", "python"), ("trl", "python"), ("nanogpt", "python"),
-                                           ("accelerate", "python"),
                                            ("accelerate", "torchrun"), ("ddp", "torchrun"), ("fsdp2", "torchrun"),
                                            ("deepspeed --stage 3", "deepspeed")])
 def test_recipe_script_runs_and_trains(tmp_path, name, launcher):
+    """Each recipe once, under the launcher that exercises the most of it (the Trainer and accelerate recipes in one
+    process are what tests/test_trainer.py and tests/test_accelerate.py check in detail)."""
     name, *flags = name.split()
     if name == "trl":
         pytest.importorskip("trl")

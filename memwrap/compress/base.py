@@ -379,14 +379,17 @@ ENGINE_CHECKS: list = []  # callables(unit) run at a layer's first forward; memw
 
 class PreForwardCheck:
     """The wrapped model's forward pre-hook: every compressed weight's host-side checks (`precheck`) before the
-    model runs. torch.compile runs a compiled module's hooks outside its graph, and this one is never traced
-    (`torch.compiler.disable`), so a compiled forward holds no host bookkeeping at all."""
+    model runs. torch.compile runs a compiled module's hooks outside its graph, and this one is never traced: its
+    `__call__` is put under `torch.compiler.disable` when the first hook is made (decorating it at import would
+    import torch._dynamo, two seconds, with memwrap), so a compiled forward holds no host bookkeeping at all."""
 
     def __init__(self, units: list[CompressedWeight]):
         self.units = units
+        cls = type(self)
+        if "__call__" not in cls.__dict__:
+            cls.__call__ = torch.compiler.disable(cls._precheck)
 
-    @torch.compiler.disable
-    def __call__(self, module, args) -> None:
+    def _precheck(self, module, args) -> None:
         for unit in self.units:
             unit.precheck()
 
