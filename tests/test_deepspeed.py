@@ -16,9 +16,9 @@ from test_ddp import free_port
 pytest.importorskip("deepspeed")
 
 HERE = os.path.dirname(__file__)
-FP32 = ["z1", "z2", "z3", "z3-shards", "z2-offload", "z3-offload", "z2-accum"]
+FP32 = ["z1", "z2", "z3", "z3-shards", "z3-offload", "z2-accum"]
 MOE = ["z3-qwen3-moe", "z3-gpt-oss"]
-BF16 = ["z1-bf16", "z2-bf16", "z3-bf16"]
+BF16 = ["z1-bf16", "z3-bf16"]  # stage 1 in bf16 runs DeepSpeed's BF16_Optimizer; 2 shares stage 1's fp32 code
 
 
 def launch(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -105,7 +105,7 @@ def test_what_cannot_be_exact_is_refused_before_any_step(ds_result):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["z1", "z2", "z3", "z3-shards", "z2-bf16", "z3-bf16"])
+@pytest.mark.parametrize("case", ["z1", "z2", "z3", "z3-shards", "z1-bf16", "z3-bf16"])
 def test_planner_predicts_each_ranks_parameter_and_optimizer_bytes(ds_result, case):
     """The planner's DeepSpeed byte model (memwrap.planning.estimate.zero_bytes) against what the engines hold on each
     rank: parameters (their shards under ZeRO-3) and the fp32 master + AdamW moments, plain and compressed."""

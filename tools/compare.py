@@ -252,14 +252,14 @@ def adamw_8bit(model, lr):
     return bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
-def memwrap_at(fraction: float):
+def memwrap_at(fraction: float, refresh_every: int = 100):
     """Every wrapped layer at c·r = fraction·m (the planner's own (c, r) for that level, r near 8)."""
     import dataclasses
 
     from memwrap.planning.planner import settings_at
 
     def setup(model):
-        first = memwrap.wrap(model, rank=1, granularity=1, refresh_every=100)  # the layers memwrap targets
+        first = memwrap.wrap(model, rank=1, granularity=1, refresh_every=refresh_every)  # the layers memwrap targets
         memwrap.unwrap(model)
         layers = tuple(dataclasses.replace(lp, **dict(zip("cr", settings_at(lp.in_features, fraction))))
                        for lp in first.layers)
@@ -285,6 +285,12 @@ METHODS = {m.name: m for m in [
     Method("memwrap-1/8", memwrap_opt, setup=memwrap_at(1 / 8), note="c·r = m/8, memwrap.optimizer, τ100"),
     Method("memwrap-1/32", memwrap_opt, setup=memwrap_at(1 / 32), note="c·r = m/32, memwrap.optimizer, τ100"),
 ]}
+
+
+def refresh_sweep() -> list[Method]:
+    """memwrap at 1/4, 1/8 and 1/32, P refreshed every 25, 100, 200 or 500 steps (--sweep-refresh)."""
+    return [Method(f"mw-1/{round(1 / f)}-τ{tau}", memwrap_opt, setup=memwrap_at(f, tau), note=f"refresh every {tau}")
+            for f in (1 / 4, 1 / 8, 1 / 32) for tau in (25, 100, 200, 500)]
 
 
 def unavailable(method: Method, device: str) -> str | None:
@@ -505,6 +511,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
     ap.add_argument("--no-peak", action="store_true", help="skip the fresh-process peak-memory runs")
+    ap.add_argument("--sweep-refresh", action="store_true",
+                    help="instead of the peers: memwrap at 1/4, 1/8, 1/32 × refresh every 25, 100, 200, 500 steps")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = WORKLOADS[args.workload]()
@@ -514,7 +522,7 @@ def main() -> None:
         peak_worker(args.peak_of, work, lr, args.device, steps)
         return
     methods = []
-    for name in args.methods.split(","):
+    for name in ([] if args.sweep_refresh else args.methods.split(",")):
         if name not in METHODS:
             raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
         why = unavailable(METHODS[name], args.device)
@@ -522,6 +530,10 @@ def main() -> None:
             print(f"skipped {name}: {why}")
         else:
             methods.append(METHODS[name])
+    if args.sweep_refresh:
+        methods = refresh_sweep()
+        args.no_peak = True
+        work.name += "-refresh"
     if not methods or methods[0].name != "adamw":
         methods.insert(0, METHODS["adamw"])  # the reference every ratio is taken against
     work.eval_every = min(work.eval_every, steps)
