@@ -60,13 +60,13 @@ def lm_loss(model, ids):
 
 
 def shakespeare_workload(batch: int = 8, seq: int = 64) -> Workload:
-    """(1) A tiny Llama (4 layers, hidden 256, byte tokens) trained from scratch on Shakespeare; held-out: the tail."""
+    """(1) A tiny Llama (4 layers, hidden 128, byte tokens) trained from scratch on Shakespeare; held-out: the tail."""
     from memwrap.demo.corpus import batches, fixed_batches, train_heldout_tokens
     from memwrap.demo.runs import build_model, llama_config
 
     train, held = train_heldout_tokens(max_chars=3_000_000)
     return Workload("shakespeare", "tiny Llama from scratch, Shakespeare (byte tokens)",
-                    lambda: build_model(llama_config(), seed=0),
+                    lambda: build_model(llama_config(hidden=128, layers=4, intermediate=384, heads=4), seed=0),
                     lambda steps, seed: list(batches(train, batch, seq, steps, seed=seed)),
                     lambda: fixed_batches(held, batch, seq, 8), lm_loss, lr=2e-3, steps=600, eval_every=100)
 
@@ -293,6 +293,30 @@ def refresh_sweep() -> list[Method]:
             for f in (1 / 4, 1 / 8, 1 / 32) for tau in (25, 100, 200, 500)]
 
 
+def quality_curve(refresh_every: int = 100, levels=(4, 8, 16, 32, 64)) -> list[Method]:
+    """memwrap at 1/4 ... 1/64 (--quality-curve): held-out loss ratio to AdamW per compression."""
+    return [Method(f"mw-1/{k}", memwrap_opt, setup=memwrap_at(1 / k, refresh_every), note=f"c·r = m/{k}, τ{refresh_every}")
+            for k in levels]
+
+
+def write_quality(runs: list[Run], steps: int, command: str) -> str:
+    """Held-out loss ratio to AdamW per compression into docs/results/quality.json. (The planner's notes still quote
+    their own estimates: this curve's AdamW uses the same learning rate as memwrap, not a tuned one.)"""
+    base = runs[0].heldout[steps]
+    path = os.path.join(ROOT, "docs", "results", "quality.json")
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    same_run = old.get("steps") == steps and old.get("workload") == "shakespeare"
+    curve = dict(old.get("heldout_loss_ratio_to_adamw", {})) if same_run else {}  # --levels adds to the same curve
+    curve.update({r.method.name.split("-")[1]: round(r.heldout[steps] / base, 4) for r in runs[1:]})
+    curve = dict(sorted(curve.items(), key=lambda kv: int(kv[0].split("/")[1])))
+    commands = (old.get("commands", []) if same_run else []) + [command]
+    with open(path, "w") as f:
+        json.dump({"steps": steps, "workload": "shakespeare", "commands": commands,
+                   "heldout_loss_ratio_to_adamw": curve}, f, indent=2)
+        f.write("\n")
+    return path
+
+
 def unavailable(method: Method, device: str) -> str | None:
     """Why a method cannot run here (None when it can)."""
     for module in method.needs:
@@ -425,6 +449,8 @@ def peak_alone(name: str, work_name: str, lr: float, device: str, steps: int = 4
 
 def peak_worker(name: str, work: Workload, lr: float, device: str, steps: int) -> None:
     cuda = device.startswith("cuda")
+    for module in METHODS[name].needs:  # the method's own imports are not its training memory
+        importlib.import_module(module)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run = build(METHODS[name], work, lr, device)
     for batch in work.batches(steps, 0):
@@ -511,8 +537,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results"))
     ap.add_argument("--no-peak", action="store_true", help="skip the fresh-process peak-memory runs")
+    ap.add_argument("--quality-curve", action="store_true",
+                    help="instead of the peers: memwrap at 1/4 ... 1/64; writes docs/results/quality.json")
+    ap.add_argument("--refresh-every", type=int, default=100, help="τ for --quality-curve")
+    ap.add_argument("--levels", default="4,8,16,32,64", help="compressions 1/k for --quality-curve")
     ap.add_argument("--sweep-refresh", action="store_true",
                     help="instead of the peers: memwrap at 1/4, 1/8, 1/32 × refresh every 25, 100, 200, 500 steps")
+    ap.add_argument("--peaks-only", action="store_true", help="only the fresh-process peak memory of each method")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = WORKLOADS[args.workload]()
@@ -522,7 +553,7 @@ def main() -> None:
         peak_worker(args.peak_of, work, lr, args.device, steps)
         return
     methods = []
-    for name in ([] if args.sweep_refresh else args.methods.split(",")):
+    for name in ([] if args.sweep_refresh or args.quality_curve else args.methods.split(",")):
         if name not in METHODS:
             raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
         why = unavailable(METHODS[name], args.device)
@@ -530,12 +561,18 @@ def main() -> None:
             print(f"skipped {name}: {why}")
         else:
             methods.append(METHODS[name])
-    if args.sweep_refresh:
-        methods = refresh_sweep()
+    if args.sweep_refresh or args.quality_curve:
+        levels = tuple(int(k) for k in args.levels.split(","))
+        methods = refresh_sweep() if args.sweep_refresh else quality_curve(args.refresh_every, levels)
         args.no_peak = True
-        work.name += "-refresh"
+        work.name += "-refresh" if args.sweep_refresh else "-quality"
     if not methods or methods[0].name != "adamw":
         methods.insert(0, METHODS["adamw"])  # the reference every ratio is taken against
+    if args.peaks_only:
+        print(f"{work.title}: peak memory of 4 steps of each method alone, in a fresh process")
+        for m in methods:
+            print(f"{m.name:<14}{mb(peak_alone(m.name, args.workload, lr, args.device)):>9} MB")
+        return
     work.eval_every = min(work.eval_every, steps)
     runs = train_all(methods, work, steps=steps, lr=lr, device=args.device)
     if not args.no_peak:
@@ -549,6 +586,10 @@ def main() -> None:
                 + text + "\n")
     for path in plots(runs, work, steps, args.out):
         print("saved", os.path.relpath(path, ROOT))
+    if args.quality_curve:
+        command = (f"python tools/compare.py --quality-curve --steps {steps} --refresh-every {args.refresh_every} "
+                   f"--levels {args.levels}")
+        print("wrote", os.path.relpath(write_quality(runs, steps, command), ROOT))
 
 
 if __name__ == "__main__":
