@@ -18,6 +18,19 @@ def token_batches(steps: int, batch: int = 8, seq: int = 32):
     return [fixed[s % 4] for s in range(steps)]
 
 
+class Tokens(torch.utils.data.Dataset):
+    """The 4 fixed batches as a dataset of rows with labels (the Trainer recipes)."""
+
+    def __init__(self):
+        self.ids = torch.cat(token_batches(4))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
 def check(losses, what: str) -> None:
     print(f"{what}: loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps")
     if not losses[-1] < losses[0] - 0.05:

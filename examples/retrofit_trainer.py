@@ -11,22 +11,11 @@ import sys
 import tempfile
 
 import torch
-from _retrofit_common import check, tiny_model, token_batches
+from _retrofit_common import Tokens, check, tiny_model, token_batches
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import memwrap
 from memwrap.trainer import MemwrapCallback
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self):
-        self.ids = torch.cat(token_batches(4))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def main():
