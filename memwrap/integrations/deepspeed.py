@@ -164,6 +164,12 @@ class DeepSpeedLink:
             u._engine_checked = True
             u._ds_link = self
 
+    def __deepcopy__(self, memo):  # a copied (or pickled) model is not attached to this engine: its copy holds None
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
     def alive(self) -> bool:
         return self.engine_ref() is not None and all(u in _merge._UNITS for u in self.units)
 
