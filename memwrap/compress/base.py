@@ -325,9 +325,9 @@ class CompressedWeight:
     def check_engine(self) -> None:
         """Once, at the first forward: every ENGINE_CHECKS entry sees this layer (memwrap.integrations.deepspeed
         attaches to the DeepSpeed engine running it, or refuses a ZeRO layer it cannot reach) before anything steps."""
-        self._engine_checked = True
-        for check in ENGINE_CHECKS:
+        for check in ENGINE_CHECKS:  # a refusal leaves the layer unchecked: the next forward refuses again
             check(self)
+        self._engine_checked = True
 
     def check_pending(self) -> None:
         """Before a forward: merge coords written outside an optimizer step (seen by their version counter), and

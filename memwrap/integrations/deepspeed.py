@@ -94,13 +94,12 @@ def attach(engine) -> DeepSpeedLink | None:
     link = engine.__dict__.get(LINK_ATTR)
     if link is not None and link.alive():
         return link
-    units = _merge.units_of(engine.module)
-    if not units:
-        return None
+    every = _merge.units_of(engine.module)
+    units = [u for u in every if u.coords.requires_grad]  # a layer the user froze is not stepped: nothing to merge
     optimizer = getattr(engine, "optimizer", None)
     kind = _kind(optimizer)
-    if kind == "torch":  # no ZeRO, fp32: the engine steps the parameters with a torch optimizer; memwrap's hook merges
-        for u in units:
+    if kind == "torch" or not units:  # no ZeRO, fp32: a torch optimizer steps the parameters, memwrap's hook merges
+        for u in every:
             u._engine_checked = True
         return None
     if kind is None:
@@ -131,6 +130,8 @@ def attach(engine) -> DeepSpeedLink | None:
             "(model_parameters=[p for p in model.parameters() if p.requires_grad]).")
     link = DeepSpeedLink(engine, optimizer, units, kind)
     engine.__dict__[LINK_ATTR] = link
+    for u in every:  # checked (the frozen ones too): no forward of this model looks for its engine again
+        u._engine_checked = True
     return link
 
 
