@@ -17,6 +17,7 @@ from test_moe import full_rank
 from tiny import tiny_llama, token_batch
 
 import memwrap
+from memwrap.integrations.deepspeed import engine_bytes
 
 STEPS = 5
 CASES = {
@@ -90,23 +91,6 @@ def single(rank: int, world: int) -> list[float]:
     return losses
 
 
-def measured_bytes(engine) -> dict:
-    """This rank's bytes as DeepSpeed holds them: the module's parameters (their local shards under ZeRO-3) and the
-    optimizer's fp32 master partitions and moments (scalar step counts left out)."""
-    params = 0
-    for p in engine.module.parameters():
-        local = p.ds_tensor if hasattr(p, "ds_tensor") else p
-        params += local.numel() * local.element_size()
-    opt = engine.optimizer
-    masters = next(getattr(opt, name) for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
-                                                   "fp32_groups_flat_partition") if hasattr(opt, name))
-    basic = opt.optimizer
-    states = sum(p.numel() * p.element_size() for p in masters)
-    states += sum(v.numel() * v.element_size() for st in basic.state.values() for v in st.values()
-                  if torch.is_tensor(v) and v.dim() > 0)
-    return {"params": params, "states": states}
-
-
 def run(kind: str, case: dict, rank: int) -> dict:
     model = build(case)
     if kind == "full":
@@ -132,7 +116,7 @@ def run(kind: str, case: dict, rank: int) -> dict:
     out = {"losses": losses, "coords_abs_max": max(coords, default=0.0),
            "moved": max(float((end[k] - start[k]).abs().max()) for k in end),
            "steps": sorted({u.steps for u in units}), "refresh": sorted({u.refresh_index for u in units}),
-           "bytes": measured_bytes(engine),
+           "bytes": engine_bytes(engine),
            "weights": {k: v.flatten()[:64].tolist() for k, v in end.items()}}
     if kind != "plain":
         memwrap.unwrap(engine.module)
@@ -196,6 +180,24 @@ def checkpoint(name: str, out_dir: str, rank: int) -> dict:
     return out
 
 
+def trained_before(rank: int) -> dict:
+    """3 steps with torch AdamW in this process, then 2 under a fresh ZeRO-2 engine: the engine's count starts at 0,
+    the layers keep their 3 (P refreshed every 2 steps: index 2 after 5 steps)."""
+    model = tiny_llama(seed=0)
+    memwrap.wrap(model, rank=4, granularity=4, refresh_every=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        ids = batch(rank, step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = deepspeed.initialize(model=model, model_parameters=params, config=config({"stage": 2}))[0]
+    train(engine, range(3, 5), rank)
+    units = memwrap.compress.merge.units_of(engine.module)
+    return {"steps": sorted({u.steps for u in units}), "refresh": sorted({u.refresh_index for u in units})}
+
+
 def refusals(rank: int) -> dict:
     """What cannot be made exact is refused at the first forward, before any step, naming what is supported."""
     out = {}
@@ -235,6 +237,8 @@ def main(out_dir: str, names: list[str]) -> None:
             result[name] = checkpoint(name.split(":")[1], out_dir, rank)
         elif name == "refusals":
             result[name] = refusals(rank)
+        elif name == "trained-before":
+            result[name] = trained_before(rank)
         else:
             result[name] = {kind: run(kind, CASES[name], rank) for kind in ("plain", "full", "compressed")}
     if rank == 0:

@@ -34,7 +34,7 @@ def launch(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def ds_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
-    names = FP32 + BF16 + MOE + ["checkpoint:z2", "checkpoint:z3", "refusals"]
+    names = FP32 + BF16 + MOE + ["checkpoint:z2", "checkpoint:z3", "refusals", "trained-before"]
     launch(os.path.join(HERE, "dist_deepspeed.py"), str(out), ",".join(names))
     return [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
 
@@ -139,3 +139,11 @@ def test_fused_experts_train_on_every_ranks_shard(ds_result, case):
         assert run["steps"] == [5] and run["refresh"] == [2] and run["coords_abs_max"] == 0.0
         assert run["losses"][-1] < run["losses"][0] and run["moved"] > 0
     assert runs[0]["weights"] == runs[1]["weights"]
+
+
+@pytest.mark.slow
+def test_steps_taken_before_deepspeed_are_kept(ds_result):
+    """A model trained 3 steps in a plain loop, then 2 under a fresh engine, is at step 5 (refresh index 2), not at
+    the engine's count of 2."""
+    for rank in ds_result:
+        assert rank["trained-before"] == {"steps": [5], "refresh": [2]}

@@ -41,6 +41,7 @@ def worker(args) -> None:
     from transformers import AutoModelForCausalLM
 
     import memwrap
+    from memwrap.integrations.deepspeed import engine_bytes
     from memwrap.planning.estimate import ZeroSpec, enumerate_weights, zero_bytes
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -69,19 +70,12 @@ def worker(args) -> None:
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    params = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).numel()
-                 * (p.ds_tensor if hasattr(p, "ds_tensor") else p).element_size() for p in engine.module.parameters())
-    opt = engine.optimizer
-    masters = next(getattr(opt, n) for n in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
-                                             "fp32_groups_flat_partition") if hasattr(opt, n))
-    states = sum(t.numel() * t.element_size() for t in masters)
-    states += sum(v.numel() * v.element_size() for st in opt.optimizer.state.values() for v in st.values()
-                  if torch.is_tensor(v) and v.dim() > 0)
+    held = engine_bytes(engine)
     pb = 2 if args.dtype == "bf16" else 4
     p_params, p_grads, p_states, p_off, _ = zero_bytes(weights, layers, pb, ZeroSpec(args.stage, args.world,
                                                                                       args.offload))
     peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes() - base_rss
-    out = {"params": params, "states": states, "peak": peak, "loss": losses[-1],
+    out = {"params": held["params"], "states": held["states"], "peak": peak, "loss": losses[-1],
            "pred_params": p_params, "pred_states": p_states + p_off, "pred_grads": p_grads}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)

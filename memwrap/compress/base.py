@@ -215,7 +215,7 @@ class CompressedWeight:
         self._forwards = 0
         self._base: torch.Tensor | None = None  # coords' value at the last merge of an external write (kept, not zeroed)
         self.is_head = False  # a causal LM's output head: always in use when training on labels
-        self._engine_checked = False  # check_engine ran (at the first forward)
+        self._engine_checked = False  # every ENGINE_CHECKS entry gave its final verdict (see check_engine)
         self._prechecked = False  # the model's pre-forward hook checked this forward already
         group.members.append(self)
 
@@ -323,11 +323,10 @@ class CompressedWeight:
         return p.detach() if self._base is None else local(p.detach()) - self._base
 
     def check_engine(self) -> None:
-        """Once, at the first forward: every ENGINE_CHECKS entry sees this layer (memwrap.integrations.deepspeed
-        attaches to the DeepSpeed engine running it, or refuses a ZeRO layer it cannot reach) before anything steps."""
-        for check in ENGINE_CHECKS:  # a refusal leaves the layer unchecked: the next forward refuses again
-            check(self)
-        self._engine_checked = True
+        """At forwards until every ENGINE_CHECKS entry gives a final verdict (memwrap.integrations.deepspeed attaches to
+        the DeepSpeed engine running this layer, or refuses a ZeRO layer it cannot reach) before anything steps."""
+        verdicts = [check(self) for check in ENGINE_CHECKS]  # a refusal raises and leaves the layer unchecked
+        self._engine_checked = all(verdicts)  # not final (DeepSpeed may take the model over later): asked again
 
     def check_pending(self) -> None:
         """Before a forward: merge coords written outside an optimizer step (seen by their version counter), and
@@ -374,7 +373,9 @@ class CompressedWeight:
             self._base = None
 
 
-ENGINE_CHECKS: list = []  # callables(unit) run at a layer's first forward; memwrap.integrations.deepspeed adds one
+# callables(unit) -> True once their verdict is final, run at a layer's forwards until then (cheaply: each decides how
+# much to look again); memwrap.integrations.deepspeed adds one
+ENGINE_CHECKS: list = []
 
 
 class PreForwardCheck:

@@ -69,21 +69,26 @@ def find_engine(unit) -> object | None:
     return None
 
 
-def check_unit(unit) -> None:
-    """At a wrapped layer's first forward (memwrap.compress.base runs every ENGINE_CHECKS entry): attach to the
-    DeepSpeed engine running it, or refuse a ZeRO-managed layer that runs outside its engine."""
+def check_unit(unit) -> bool:
+    """At a wrapped layer's forwards (memwrap.compress.base runs every ENGINE_CHECKS entry until it says True): attach
+    to the DeepSpeed engine running it, or refuse a ZeRO-managed layer that runs outside its engine. A layer trained
+    outside DeepSpeed first is looked at again, cheaply, until DeepSpeed takes its coords over."""
     if "deepspeed" not in sys.modules:
-        return
+        return False
+    stage = zero_stage_of(unit.coords)
+    if stage is None and unit.__dict__.get("_ds_looked"):
+        return False  # the call stack was searched once already: again only when DeepSpeed manages the coords
+    unit.__dict__["_ds_looked"] = True
     engine = find_engine(unit)
     if engine is not None:
         attach(engine)
-        return
-    stage = zero_stage_of(unit.coords)
+        return True
     if stage is not None:
         raise UnsupportedEngineError(
             f"wrapped layer {unit.layer_name!r} is managed by DeepSpeed ZeRO (stage {stage}) but runs outside the "
             "engine's forward, so memwrap cannot find the engine whose steps it must merge. Call the engine "
             "(`loss = engine(batch)`), or attach it once by hand: memwrap.deepspeed_attach(engine).")
+    return False
 
 
 def attach(engine) -> DeepSpeedLink | None:
@@ -160,7 +165,8 @@ class DeepSpeedLink:
         self.moment_keys = self._moment_keys()
         self.step_fn = optimizer.step
         optimizer.step = functools.partial(_step, weakref.ref(self), optimizer.step)
-        self.sync_steps()
+        self.offset: dict[int, int] = {}  # id(unit) -> the unit's steps before this engine's first
+        self.sync_steps(attaching=True)
         for u in self.units:
             u._engine_checked = True
             u._ds_link = self
@@ -204,12 +210,16 @@ class DeepSpeedLink:
         engine = self.engine_ref()
         return int(engine.global_steps) - int(getattr(engine, "skipped_steps", 0))
 
-    def sync_steps(self) -> None:
-        """Counters and P from the engine's count of applied steps (a checkpoint the engine loaded)."""
-        steps = self.applied_steps()
+    def sync_steps(self, attaching: bool = False) -> None:
+        """Counters and P from the engine's count of applied steps: at attach, a resumed engine's count (a fresh
+        engine keeps the steps a layer took before DeepSpeed, as an offset); later, a checkpoint the engine loaded."""
+        applied = self.applied_steps()
         for u in self.units:
-            if u.steps != steps and (steps or u.steps == 0):
-                u.set_steps(steps)
+            if attaching:
+                self.offset[id(u)] = 0 if applied else u.steps
+            want = applied + self.offset[id(u)]
+            if u.steps != want:
+                u.set_steps(want)
 
     def decay(self, unit) -> float:
         group = self.optimizer.optimizer.param_groups[self.group_of[id(unit.coords)]]
@@ -315,8 +325,18 @@ def merge_shard(unit, full: torch.Tensor, decay: float, step: int) -> None:
                         seed=unit.group.seed, name=f"{unit.layer_name}#shard{start}", step=step)
 
 
-def detach_unit(unit) -> None:
-    """A unit leaves (unwrap): give its engine's optimizer its own step back."""
-    link = unit.__dict__.get("_ds_link")
-    if link is not None:
-        link.detach()
+def engine_bytes(engine) -> dict[str, int]:
+    """This rank's bytes as a ZeRO engine holds them — what the planner's `zero_bytes` predicts: "params", the module's
+    parameters (their local shards under ZeRO-3), and "states", the optimizer's fp32 master partitions and moments
+    (scalar step counts left out)."""
+    params = 0
+    for p in engine.module.parameters():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        params += local.numel() * local.element_size()
+    opt = engine.optimizer
+    masters = next(getattr(opt, name) for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups",
+                                                   "fp32_groups_flat_partition") if hasattr(opt, name))
+    states = sum(t.numel() * t.element_size() for t in masters)
+    states += sum(v.numel() * v.element_size() for st in opt.optimizer.state.values() for v in st.values()
+                  if torch.is_tensor(v) and v.dim() > 0)
+    return {"params": params, "states": states}
