@@ -46,7 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Workload:
     name: str
     title: str
-    build: Callable[[], torch.nn.Module]
+    build: Callable[[int], torch.nn.Module]  # seed -> the initial model
     batches: Callable[[int, int], list]  # (steps, seed) -> training batches
     heldout: Callable[[], list]
     loss: Callable[[torch.nn.Module, object], torch.Tensor]
@@ -66,7 +66,7 @@ def shakespeare_workload(batch: int = 8, seq: int = 64) -> Workload:
 
     train, held = train_heldout_tokens(max_chars=3_000_000)
     return Workload("shakespeare", "tiny Llama from scratch, Shakespeare (byte tokens)",
-                    lambda: build_model(llama_config(hidden=128, layers=4, intermediate=384, heads=4), seed=0),
+                    lambda seed=0: build_model(llama_config(hidden=128, layers=4, intermediate=384, heads=4), seed=seed),
                     lambda steps, seed: list(batches(train, batch, seq, steps, seed=seed)),
                     lambda: fixed_batches(held, batch, seq, 8), lm_loss, lr=2e-3, steps=600, eval_every=100)
 
@@ -120,7 +120,8 @@ def smollm2_workload(batch: int = 4, seq: int = 128) -> Workload:
         starts = torch.randint(0, len(tokens) - seq - 1, (count, batch), generator=g)
         return [torch.stack([tokens[s:s + seq] for s in row.tolist()]) for row in starts]
 
-    return Workload("smollm2", "SmolLM2-135M fine-tune, Shakespeare (held-out tail)", smollm2_model,
+    return Workload("smollm2", "SmolLM2-135M fine-tune, Shakespeare (held-out tail)",
+                    lambda seed=0: smollm2_model(),
                     lambda steps, seed: windows(train, steps, seed), lambda: windows(held, 6, 1234), lm_loss,
                     lr=1e-4, steps=60, eval_every=20)
 
@@ -164,7 +165,7 @@ def minilm_workload(batch: int = 16) -> Workload:
         return torch.nn.functional.cross_entropy(logits, torch.arange(len(logits)))
 
     return Workload("minilm", "MiniLM-L6 sentence encoder, contrastive on Shakespeare line pairs",
-                    lambda: AutoModel.from_pretrained(folder, dtype=torch.float32), sample,
+                    lambda seed=0: AutoModel.from_pretrained(folder, dtype=torch.float32), sample,
                     lambda: [encode(held[i * batch:(i + 1) * batch]) for i in range(6)], loss,
                     lr=2e-5, steps=300, eval_every=50)
 
@@ -199,6 +200,7 @@ class Method:
     step: Callable = standard_step  # (model, optimizer, loss)
     needs: tuple[str, ...] = ()
     note: str = ""
+    lr_scale: float = 1.0  # the method trains at the workload's lr × this
 
 
 def adamw(model, lr):
@@ -252,20 +254,31 @@ def adamw_8bit(model, lr):
     return bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
-def memwrap_at(fraction: float, refresh_every: int = 100):
-    """Every wrapped layer at c·r = fraction·m (the planner's own (c, r) for that level, r near 8)."""
+def memwrap_at(fraction, refresh_every: int = 100, seed: int = 0, optimizer: str | None = None):
+    """Every wrapped layer at c·r = fraction·m (the planner's own (c, r) for that level, r near 8).
+
+    fraction: a number, or a function of (LayerPlan, layer index, number of layers) for a per-layer allocation;
+    seed: the projections' seed; optimizer: the kind memwrap.optimizer builds (None: ProjFactor)."""
     import dataclasses
 
     from memwrap.planning.planner import settings_at
 
     def setup(model):
-        first = memwrap.wrap(model, rank=1, granularity=1, refresh_every=refresh_every)  # the layers memwrap targets
+        first = memwrap.wrap(model, rank=1, granularity=1, refresh_every=refresh_every, seed=seed)  # what it targets
         memwrap.unwrap(model)
-        layers = tuple(dataclasses.replace(lp, **dict(zip("cr", settings_at(lp.in_features, fraction))))
-                       for lp in first.layers)
-        memwrap.wrap(model, plan=dataclasses.replace(first, layers=layers))
+        count = 1 + max((layer_index(lp.name) for lp in first.layers), default=0)
+        at = fraction if callable(fraction) else (lambda lp, i, count: fraction)
+        layers = tuple(dataclasses.replace(lp, **dict(zip("cr", settings_at(
+            lp.in_features, at(lp, layer_index(lp.name), count))))) for lp in first.layers)
+        memwrap.wrap(model, plan=dataclasses.replace(first, layers=layers, optimizer=optimizer))
         return model
     return setup
+
+
+def layer_index(name: str) -> int:
+    """The transformer block a layer belongs to ("model.layers.3.mlp.up_proj" -> 3; 0 when none)."""
+    parts = name.split(".")
+    return next((int(p) for p in parts if p.isdigit()), 0)
 
 
 def memwrap_opt(model, lr):
@@ -388,9 +401,9 @@ def evaluate(run: Run, work: Workload, held) -> float:
     return value
 
 
-def build(method: Method, work: Workload, lr: float, device: str) -> Run:
-    torch.manual_seed(0)
-    model = method.setup(work.build().to(device))
+def build(method: Method, work: Workload, lr: float, device: str, seed: int = 0) -> Run:
+    torch.manual_seed(seed)
+    model = method.setup(work.build(seed).to(device))
     model.train()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return Run(method, model, method.optimizer(model, lr), weights=weights)
@@ -404,10 +417,13 @@ def to_device(batch, device):
     return type(batch)(to_device(b, device) for b in batch)
 
 
-def train_all(methods: list[Method], work: Workload, *, steps: int, lr: float, device: str, log_every: int = 25):
-    data = [to_device(b, device) for b in work.batches(steps, 0)]
+def train_all(methods: list[Method], work: Workload, *, steps: int, lr: float, device: str, log_every: int = 25,
+              seed: int = 0, after_step: Callable | None = None):
+    """Every method from the same initial weights (model seed `seed`) on the same batches (data seed `seed`), in
+    lockstep. A method's lr is `lr` × its lr_scale; after_step(run) runs after each of its steps."""
+    data = [to_device(b, device) for b in work.batches(steps, seed)]
     held = [to_device(b, device) for b in work.heldout()]
-    runs = [build(m, work, lr, device) for m in methods]
+    runs = [build(m, work, lr * m.lr_scale, device, seed) for m in methods]
     for run in runs:
         with SavedTensorMeter(run.model) as meter:
             loss = work.loss(run.model, data[0])
@@ -428,6 +444,8 @@ def train_all(methods: list[Method], work: Workload, *, steps: int, lr: float, d
                 if step == 1:
                     run.grads, run.states = state_bytes(run.model, run.opt)
             run.seconds.append(time.perf_counter() - t0)
+            if after_step is not None:
+                after_step(run)
             run.losses.append(loss.item())
             if step % work.eval_every == 0 or step == steps:
                 run.heldout[step] = evaluate(run, work, held)

@@ -1,0 +1,260 @@
+"""Training quality over long runs: held-out loss of memwrap variants as a ratio to a tuned AdamW, with seed spread.
+
+    python tools/quality.py --stage screen                 # every variant, 600 steps, seed 0 (about 30 min on 1 core)
+    python tools/quality.py --stage final                  # the finalists, 2000 steps, seeds 0 1 2
+    python tools/quality.py --report                       # table + plot from the stored runs, no training
+
+Workload (1) of tools/compare.py: a tiny Llama trained from scratch on Shakespeare (byte tokens), the same data,
+initial weights and projection seed for every method of one seed, stepped in lockstep, constant learning rate. The
+held-out loss is evaluated every 100 steps, so a 2000-step run also gives the 600-step point (the lr has no decay
+schedule that would make step 600 of a 2000-step run differ from a 600-step run).
+
+The reference is a tuned AdamW: its lr swept over 5e-4, 1e-3 and 2e-3, the best one (lowest mean held-out loss over
+the seeds, at each horizon) is the reference. A variant's ratio is the mean over seeds of (its loss / the reference's
+loss on the same seed), ± half the spread (max − min) over seeds.
+
+Variants are settings of one entry each (VARIANTS), never a copy of the loop: compression, optimizer kind, refresh
+interval τ, learning-rate scale of the compressed layers, first moment carried or reset at a refresh, error feedback,
+and the rank allocated per layer at equal total bytes. Every run is stored in docs/results/quality-runs.json (keyed by
+variant, seed and steps) so stages add up and --report needs no training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare  # noqa: E402  (tools/compare.py: workloads, lockstep loop, byte measurements)
+
+import memwrap  # noqa: E402
+
+ROOT = compare.ROOT
+RUNS = os.path.join(ROOT, "docs", "results", "quality-runs.json")
+LR = 2e-3  # workload (1)'s learning rate (compare.py); every entry here sets its own
+ATTN, MLP = 4 * 128 * 128, 3 * 128 * 384  # weight elements per block of the workload's Llama (q k v o; gate up down)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One memwrap setting (or an AdamW reference): everything else as in the default."""
+
+    name: str
+    fraction: object = 1 / 8  # c·r / m, or a function (LayerPlan, layer index, layers) -> fraction
+    kind: str = "adamw"  # memwrap.optimizer kind: "adamw" (subspace AdamW, the planner's default) or "projfactor"
+    tau: int = 100  # refresh_every
+    lr_scale: float = 1.0  # the compressed layers' lr × this (the rest of the model keeps the base lr)
+    carry: bool = True  # first moment carried into the new subspace at a refresh (False: reset to zero)
+    error_feedback: bool = False
+    lr: float = 1e-3  # the whole model's learning rate
+    adamw_lr: float | None = None  # set: this entry is plain AdamW at that lr (a reference)
+    note: str = ""
+
+
+def per_part(attn: float, mlp: float):
+    return lambda lp, i, n: attn if lp.name.split(".")[-1].endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else mlp
+
+
+def per_depth(early: float, late: float):
+    return lambda lp, i, n: early if i < n // 2 else late
+
+
+def equal_bytes_mlp(attn: float, total: float = 1 / 8) -> float:
+    """The MLP fraction that keeps the block's compressed bytes at `total` with attention at `attn`."""
+    return (total * (ATTN + MLP) - attn * ATTN) / MLP
+
+
+VARIANTS = {v.name: v for v in [
+    *[Variant(f"adamw-lr{lr:g}", adamw_lr=lr, note=f"AdamW lr {lr:g}") for lr in (5e-4, 1e-3, 2e-3)],
+    Variant("1/8", note="default: subspace AdamW, τ100, lr 1e-3"),
+    Variant("1/8-lr2e-3", lr=2e-3),
+    Variant("1/16", fraction=1 / 16),
+    Variant("1/32", fraction=1 / 32),
+    Variant("pf-1/8", kind="projfactor", note="ProjFactor"),
+    Variant("pf-1/8-lr2e-3", kind="projfactor", lr=2e-3, note="ProjFactor"),
+    *[Variant(f"1/8-τ{t}", tau=t, note=f"refresh every {t}") for t in (25, 200, 500)],
+    *[Variant(f"1/32-τ{t}", fraction=1 / 32, tau=t, note=f"refresh every {t}") for t in (25, 500)],
+    Variant("1/8-lr×√2", lr_scale=math.sqrt(2), note="compressed layers' lr ∝ sqrt(m/(c·r)), relative to 1/4"),
+    Variant("1/32-lr×2", fraction=1 / 32, lr_scale=2.0, note="compressed layers' lr ∝ sqrt(m/(c·r)), rel. to 1/8"),
+    Variant("1/8-reset", carry=False, note="first moment reset at each refresh"),
+    Variant("1/8-ef", error_feedback=True, note="error feedback (GradLite), +4 B per weight element"),
+    Variant("1/8-attn-fine", fraction=per_part(1 / 16, equal_bytes_mlp(1 / 16)),
+            note="attention 1/16, MLP coarser, equal bytes"),
+    Variant("1/8-mlp-fine", fraction=per_part(1 / 4, equal_bytes_mlp(1 / 4)),
+            note="attention 1/4, MLP finer, equal bytes"),
+    Variant("1/8-early-fine", fraction=per_depth(1 / 16, 3 / 16), note="blocks 0-1 at 1/16, 2-3 at 3/16"),
+    Variant("1/8-late-fine", fraction=per_depth(3 / 16, 1 / 16), note="blocks 0-1 at 3/16, 2-3 at 1/16"),
+]}
+STAGES = {
+    "screen": dict(steps=600, seeds=(0,), variants=tuple(VARIANTS)),
+    "final": dict(steps=2000, seeds=(0, 1, 2),
+                  variants=("adamw-lr0.0005", "adamw-lr0.001", "adamw-lr0.002", "1/8", "1/8-lr2e-3", "1/16", "1/32",
+                            "pf-1/8")),
+}
+
+
+def method(v: Variant, seed: int) -> compare.Method:
+    if v.adamw_lr is not None:
+        return compare.Method(v.name, compare.adamw, lr_scale=v.adamw_lr / LR, note=v.note)
+    scale = v.lr / LR
+
+    def build_opt(model, lr):
+        opt = memwrap.optimizer(model, lr=lr, kind=v.kind, error_feedback=v.error_feedback)
+        for group in opt.param_groups:
+            if group.get("compressed"):
+                group["lr"] = lr * v.lr_scale
+        return opt
+    return compare.Method(v.name, build_opt, setup=compare.memwrap_at(v.fraction, v.tau, seed=seed), note=v.note,
+                          lr_scale=scale)
+
+
+def reset_at_refresh(run: compare.Run) -> None:
+    """The 'reset' variant: zero the first moment of every compressed layer whose P was just redrawn."""
+    from memwrap.compress import merge
+
+    seen = run.__dict__.setdefault("refresh_seen", {})
+    by_id = merge.layers_by_coords()
+    for group in run.opt.param_groups:
+        for p in group["params"] if group.get("compressed") else ():
+            module = by_id[id(p)]
+            if seen.get(id(p), 0) != module.refresh_index and "exp_avg" in run.opt.state[p]:
+                run.opt.state[p]["exp_avg"].zero_()
+            seen[id(p)] = module.refresh_index
+
+
+def train(names: list[str], steps: int, seed: int) -> dict:
+    torch.set_num_threads(int(os.environ.get("QUALITY_THREADS", "1")))
+    work = compare.WORKLOADS["shakespeare"]()
+    work.eval_every = 100
+    variants = [VARIANTS[n] for n in names]
+    resets = {v.name for v in variants if not v.carry}
+
+    def after(run):
+        if run.method.name in resets:
+            reset_at_refresh(run)
+    runs = compare.train_all([method(v, seed) for v in variants], work, steps=steps, lr=LR, device="cpu",
+                             seed=seed, after_step=after, log_every=100)
+    return {r.method.name: {"heldout": {str(k): round(v, 5) for k, v in r.heldout.items()},
+                            "grad_state_bytes": r.grads + r.states,
+                            "seconds_per_step": sum(r.seconds[1:]) / max(1, len(r.seconds) - 1)} for r in runs}
+
+
+def load_runs() -> dict:
+    return json.load(open(RUNS)) if os.path.exists(RUNS) else {}
+
+
+def store(new: dict, steps: int, seed: int) -> None:
+    """Add runs to RUNS (under a lock: several stages may run at once)."""
+    import fcntl
+
+    with open(RUNS + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = load_runs()
+        for name, result in new.items():
+            runs[f"{name}|seed{seed}|{steps}"] = result
+        with open(RUNS + ".tmp", "w") as f:
+            json.dump(dict(sorted(runs.items())), f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        os.replace(RUNS + ".tmp", RUNS)
+
+
+def results_at(runs: dict, horizon: int) -> dict[str, dict[int, tuple[float, int]]]:
+    """{variant: {seed: (held-out loss at `horizon`, grad+state bytes)}}, the longest run that reached it."""
+    out: dict = {}
+    for key, result in sorted(runs.items(), key=lambda kv: int(kv[0].rsplit("|", 1)[1])):
+        name, seed, _ = key.split("|")
+        if str(horizon) in result["heldout"]:
+            out.setdefault(name, {})[int(seed[4:])] = (result["heldout"][str(horizon)], result["grad_state_bytes"])
+    return out
+
+
+def report(horizon: int, runs: dict) -> tuple[str, dict]:
+    """The table at one horizon: each variant's ratio to the tuned AdamW (mean ± half-spread over common seeds)."""
+    res = results_at(runs, horizon)
+    refs = {n: r for n, r in res.items() if n.startswith("adamw-lr")}
+    if not refs:
+        return f"(no AdamW run reached step {horizon})", {}
+    seeds = set.intersection(*(set(r) for r in refs.values()))
+    best = min(refs, key=lambda n: sum(refs[n][s][0] for s in seeds) / len(seeds))
+    ref, ref_bytes = refs[best], refs[best][min(seeds)][1]
+    lines = [f"step {horizon}: reference {best} (AdamW lr swept over {', '.join(sorted(refs))}), "
+             f"held-out loss {sum(ref[s][0] for s in seeds) / len(seeds):.4f} over seeds {sorted(seeds)}",
+             f"{'variant':<16}{'ratio':>8}{'±':>7}{'seeds':>6}{'grad+state':>11}  note", "-" * 80]
+    table = {}
+    for name, by_seed in sorted(res.items(), key=lambda kv: _mean_ratio(kv[1], ref)):
+        common = sorted(set(by_seed) & set(ref))
+        if not common:
+            continue
+        ratios = [by_seed[s][0] / ref[s][0] for s in common]
+        mean, half = sum(ratios) / len(ratios), (max(ratios) - min(ratios)) / 2
+        table[name] = {"ratio": round(mean, 4), "spread": round(half, 4), "seeds": len(common),
+                       "bytes_ratio": round(by_seed[common[0]][1] / ref_bytes, 4)}
+        note = VARIANTS[name].note if name in VARIANTS else ""
+        lines.append(f"{name:<16}{mean:>7.4f}×{half:>7.4f}{len(common):>6}{by_seed[common[0]][1] / ref_bytes:>10.3f}×"
+                     f"  {note}")
+    return "\n".join(lines), table
+
+
+def _mean_ratio(by_seed, ref):
+    common = set(by_seed) & set(ref)
+    return sum(by_seed[s][0] / ref[s][0] for s in common) / len(common) if common else math.inf
+
+
+def plot(tables: dict[int, dict], out: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(tables), figsize=(7 * len(tables), 5), squeeze=False)
+    for ax, (horizon, table) in zip(axes[0], sorted(tables.items())):
+        for name, row in table.items():
+            ax.errorbar(row["bytes_ratio"], row["ratio"], yerr=row["spread"], fmt="o", ms=4)
+            ax.annotate(name, (row["bytes_ratio"], row["ratio"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(xscale="log", xlabel="gradient + optimizer-state bytes / AdamW's", ylabel="held-out loss / tuned AdamW",
+               title=f"tiny Llama from scratch, step {horizon}")
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=sorted(STAGES))
+    ap.add_argument("--variants", help="comma-separated, instead of the stage's; from: " + ", ".join(VARIANTS))
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--seeds", help="comma-separated seeds")
+    ap.add_argument("--report", action="store_true", help="only print the tables of the stored runs")
+    ap.add_argument("--horizons", default="600,2000")
+    args = ap.parse_args()
+    if not args.report:
+        stage = STAGES[args.stage or "screen"]
+        names = args.variants.split(",") if args.variants else list(stage["variants"])
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        steps = args.steps or stage["steps"]
+        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else stage["seeds"]
+        for seed in seeds:
+            store(train(names, steps, seed), steps, seed)
+    runs = load_runs()
+    tables = {}
+    for horizon in (int(h) for h in args.horizons.split(",")):
+        text, tables[horizon] = report(horizon, runs)
+        print("\n" + text)
+    path = plot({h: t for h, t in tables.items() if t}, os.path.join(ROOT, "docs", "results", "quality.png"))
+    if path:
+        print("saved", os.path.relpath(path, ROOT))
+
+
+if __name__ == "__main__":
+    main()
