@@ -8,14 +8,20 @@
 Importing memwrap changes nothing outside this package.
 """
 
-from .api import get_plan, optimizer, register_first_moment, report, sync, unwrap, wrap
+from .api import get_plan, optimizer, register_first_moment, report, skipped_steps, sync, unwrap, wrap
 from .config import LayerPlan, Plan, WrapConfig
 from .errors import (
     AlreadyWrappedError,
     BudgetTooSmallError,
+    CheckpointCorruptError,
     CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointVersionError,
+    CheckpointWriteError,
     InvalidSettingsError,
     MemwrapError,
+    NonFiniteError,
     NoTargetsError,
     NotWrappedError,
     OptimizerBeforeWrapError,
@@ -34,5 +40,6 @@ __all__ = [
     "UnsupportedArchitectureError", "BudgetTooSmallError", "PlanMismatchError",
     "save", "load", "load_optimizer", "load_plan", "CheckpointError", "plan",
     "OptimizerBeforeWrapError", "UnmergedUpdateError", "register_first_moment", "report",
-    "deepspeed_attach",
+    "deepspeed_attach", "skipped_steps", "NonFiniteError", "CheckpointNotFoundError", "CheckpointCorruptError",
+    "CheckpointMismatchError", "CheckpointVersionError", "CheckpointWriteError",
 ]

@@ -81,6 +81,7 @@ def wrap(
     zero: int | None = None,
     world_size: int | None = None,
     offload_optimizer: bool = False,
+    nonfinite: str = "skip",
 ) -> Plan:
     """Compress the model's linear (and MoE expert) layers in place and return the Plan that was applied.
 
@@ -102,6 +103,9 @@ def wrap(
     zero (1, 2 or 3), world_size (default: torch.distributed's) and offload_optimizer: the model will train under
     DeepSpeed ZeRO, so the budget is one rank's and the planner counts DeepSpeed's partitioned bytes
     (docs/retrofit.md, DeepSpeed).
+    nonfinite: an optimizer step whose gradients of wrapped layers hold inf or NaN is "skip"ped whole (weights and
+    optimizer state stay as they were; a RuntimeWarning counts the skips; memwrap.skipped_steps(model)), "raise"s
+    NonFiniteError naming the layer, or is taken as is ("ignore"). A GradScaler's own skips stay its own.
     """
     inject.require_unwrapped(model)
     from .planning.planner import zero_spec
@@ -113,7 +117,7 @@ def wrap(
                         seed=seed, targets=_as_tuple(targets, "targets"), exclude=_as_tuple(exclude, "exclude") or (),
                         share_inputs=share_inputs, stochastic_rounding=stochastic_rounding, norms=norms, mlp=mlp,
                         attention=attention, checkpoint_layers=as_layer_indices(checkpoint_layers),
-                        loss_chunk=loss_chunk, head=head)
+                        loss_chunk=loss_chunk, head=head, nonfinite=nonfinite)
     config.validate()
     if plan is not None:
         if rank is not None or granularity is not None or budget_gb is not None or config.savings_changed() \
@@ -130,6 +134,10 @@ def wrap(
                                           zero=zero_setting)
     blocks.check_options(model, the_plan.savings)  # InvalidSettingsError for options the model cannot take, first
     modules = inject.apply_plan(model, the_plan)
+    from .compress.merge import units_of
+
+    for unit in units_of(model):
+        unit.nonfinite = nonfinite
     monitor = None
     if the_plan.memory:  # compare with the measurement after the first step
         from .planning.monitor import Monitor
@@ -186,6 +194,14 @@ def report(model: nn.Module) -> str:
 
     state = inject.require_wrapped(model)
     return _report(model, state.monitor, state.plan)
+
+
+def skipped_steps(model: nn.Module) -> int:
+    """How many optimizer steps memwrap skipped for inf/NaN gradients (wrap(nonfinite="skip")) since wrap or load."""
+    from .compress.merge import units_of
+
+    inject.require_wrapped(model)
+    return max((getattr(u, "skipped_steps", 0) for u in units_of(model)), default=0)
 
 
 def get_plan(model: nn.Module) -> Plan:

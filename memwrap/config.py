@@ -22,6 +22,8 @@ ATTENTION_OPTIONS = ("keep", "recompute", *ATTENTION_8BIT)
 # the causal-LM output head (an untied lm_head): "auto" compresses it only where the budget needs it (the planner),
 # "exact" never, "compress" always
 HEAD_OPTIONS = ("auto", "exact", "compress")
+# an optimizer step whose coords gradients hold inf/NaN: skipped whole (counted, warned), NonFiniteError, or taken
+NONFINITE_OPTIONS = ("skip", "raise", "ignore")
 SAVING_FIELDS = ("norms", "mlp", "attention", "checkpoint_layers", "loss_chunk")
 
 
@@ -114,6 +116,7 @@ class WrapConfig:
     checkpoint_layers: tuple[int, ...] | str = ()  # layers recomputed whole in backward: indices or "all"
     loss_chunk: int = 0  # causal LMs: cross-entropy over this many tokens at a time, logits never whole (0: off)
     head: str = "auto"  # see HEAD_OPTIONS
+    nonfinite: str = "skip"  # a step with inf/NaN gradients: see NONFINITE_OPTIONS
 
     def validate(self) -> None:
         for key in ("rank", "granularity"):
@@ -130,6 +133,9 @@ class WrapConfig:
         check_savings(self.norms, self.mlp, self.attention, self.checkpoint_layers, self.loss_chunk)
         if self.head not in HEAD_OPTIONS:
             raise InvalidSettingsError(f"head={self.head!r} is unknown; use one of {', '.join(map(repr, HEAD_OPTIONS))}.")
+        if self.nonfinite not in NONFINITE_OPTIONS:
+            raise InvalidSettingsError(f"nonfinite={self.nonfinite!r} is unknown; use one of "
+                                       f"{', '.join(map(repr, NONFINITE_OPTIONS))}.")
 
     @property
     def savings(self) -> dict[str, Any]:

@@ -49,7 +49,28 @@ class UnmergedUpdateError(MemwrapError, RuntimeError):
 
 
 class CheckpointError(MemwrapError, ValueError):
-    """A checkpoint directory is missing a file or does not match the model it is loaded into."""
+    """A checkpoint cannot be written or read; the subclasses say why. Every message names the path."""
+
+
+class CheckpointNotFoundError(CheckpointError):
+    """The checkpoint directory, or a file it needs, does not exist."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file is truncated, fails its checksum or cannot be parsed; nothing was loaded into the model."""
+
+
+class CheckpointMismatchError(CheckpointError, PlanMismatchError):
+    """The checkpoint was saved from another model, plan or optimizer than the one it is loaded into."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """The checkpoint was written in a format this memwrap does not know (a newer memwrap)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """The operating system refused a write of `memwrap.save` (no permission, no space, not a directory, ...); the
+    previous checkpoint, if any, is untouched."""
 
 
 class BypassedWeightError(MemwrapError, RuntimeError):
@@ -58,3 +79,11 @@ class BypassedWeightError(MemwrapError, RuntimeError):
 
 class UnsupportedEngineError(MemwrapError, RuntimeError):
     """A training engine manages a wrapped layer's parameters in a way memwrap cannot merge updates from."""
+
+
+class NonFiniteError(MemwrapError, FloatingPointError):
+    """A step's gradient of a wrapped layer is inf or NaN and the model was wrapped with nonfinite="raise"."""
+
+    def __init__(self, message: str, *, layer: str | None = None):
+        super().__init__(message)
+        self.layer = layer

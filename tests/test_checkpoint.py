@@ -1,5 +1,6 @@
 """memwrap.save / load: plain safetensors + plan JSON + weights_only optimizer state; resume; atomic under SIGKILL."""
 
+import hashlib
 import json
 import os
 import signal
@@ -69,8 +70,15 @@ def test_saved_files_are_plain_safetensors_plan_json_and_weights_only_state(tmp_
     plain_keys = set(tiny_llama(seed=0).state_dict())
     train(model, opt, range(3))
     out = memwrap.save(model, tmp_path / "ckpt", optimizer=opt)
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "memwrap_plan.json",
-                                       "memwrap_state.json", "model.safetensors", "optimizer.pt"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "memwrap_manifest.json",
+                                       "memwrap_plan.json", "memwrap_state.json", "model.safetensors", "optimizer.pt"]
+    with open(os.path.join(out, "memwrap_manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["format_version"] == 1 and sorted(manifest["files"]) == sorted(
+        n for n in os.listdir(out) if n != "memwrap_manifest.json")
+    for name, entry in manifest["files"].items():
+        data = open(os.path.join(out, name), "rb").read()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert set(load_file(os.path.join(out, "model.safetensors"))) == plain_keys
     with open(os.path.join(out, "memwrap_plan.json")) as f:
         assert memwrap.Plan.from_dict(json.load(f)) == memwrap.get_plan(model)

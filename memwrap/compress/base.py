@@ -148,6 +148,29 @@ class InputGroup:
         return x_tilde
 
 
+class kept_dtype:
+    """Around a module's `_apply` (model.to(dtype), .half(), .bfloat16(), .float()): the coords keep the dtype they had
+    (float32 for a model wrapped in float32), their gradient too, while the dense weights take the new one; device
+    moves pass through. Released coords (one broadcast zero) stay released."""
+
+    def __init__(self, params):
+        self.params = [(p, p.dtype, is_released(p)) for p in params]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p, dtype, released in self.params:
+            if p.dtype == dtype:
+                continue
+            if released or is_released(p):
+                p.data = torch.zeros((), dtype=dtype, device=p.device).expand(p.shape)
+            else:
+                p.data = p.data.to(dtype)
+            if p.grad is not None:
+                p.grad = p.grad.to(dtype)
+
+
 def lift(coords: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """(…, n, c, r) coordinates -> (…, n, c·d) weight-shaped tensor: reshape(coords @ Pᵀ)."""
     *lead, n, c, r = coords.shape
@@ -161,6 +184,20 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None) ->
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
+def stochastic_round_fp16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """float32 -> float16 rounding to one of the two neighbours with probability proportional to the distance
+    (unbiased, subnormals included); values beyond float16's range become ±inf as with nearest rounding."""
+    x = x.contiguous()
+    near = x.to(torch.float16)
+    toward = torch.where(near.float() > x, -torch.inf, torch.inf).to(torch.float16)
+    other = torch.nextafter(near, toward)  # the neighbour on x's other side
+    gap = other.float() - near.float()
+    p_other = torch.where(gap != 0, (x - near.float()) / gap, torch.zeros_like(x)).nan_to_num_(0.0)
+    u = torch.rand(x.shape, device=x.device, generator=generator)
+    return torch.where(torch.isfinite(near) & (u < p_other), other, near)
+
+
+STOCHASTIC_ROUNDING = {torch.bfloat16: stochastic_round_bf16, torch.float16: stochastic_round_fp16}
 MERGE_CHUNK_BYTES = 64 << 20  # the merge's transient (lift, fp32 copy, rounding noise) stays below this
 MERGE_BYTES_PER_ELEMENT = 20  # what one weight element costs while it is merged (bf16 + stochastic rounding)
 
@@ -172,13 +209,13 @@ def merge_rows(rows: int, width: int) -> int:
 
 def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, decay: float, *, stochastic: bool,
                   seed: int, name: str, step: int) -> None:
-    """weight ← weight·decay + delta in place (decay = 1 − lr·wd), stochastically rounded for bf16 weights."""
+    """weight ← weight·decay + delta in place (decay = 1 − lr·wd), stochastically rounded for bf16 and fp16 weights."""
     w = local(weight)
     with torch.no_grad():
-        if w.dtype == torch.bfloat16 and stochastic:
+        if w.dtype in STOCHASTIC_ROUNDING and stochastic:
             g = torch.Generator(device=w.device).manual_seed(projection_seed(seed, name + "#round", step))
             exact = w.float() * decay + delta.float()
-            w.copy_(stochastic_round_bf16(exact, g))
+            w.copy_(STOCHASTIC_ROUNDING[w.dtype](exact, g))
         else:
             if decay != 1.0:
                 w.mul_(decay)

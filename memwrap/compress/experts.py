@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from . import merge
-from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype
+from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype, kept_dtype
 from .blocks import FORMULA_ATTR, SAVINGS_ATTR, recompute
 from .elementwise import gated_act
 
@@ -245,6 +245,20 @@ def attach(module: nn.Module, units: list[ExpertsUnit]) -> None:
     handles = [module._register_state_dict_hook(_drop_unit_coords),
                module.register_load_state_dict_post_hook(_accept_missing_coords)]
     object.__setattr__(module, "_memwrap_hook_handles", handles)
+    object.__setattr__(module, "_apply", KeepCoordsApply(module))  # this instance only; detach removes it
+
+
+class KeepCoordsApply:
+    """The experts module's `_apply` while wrapped: its coords keep their dtype through model.to(dtype) (see kept_dtype).
+    A plain object (not a bound method) so a deepcopy or pickle of the model carries it."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, fn, recurse=True):
+        units = getattr(self.module, UNITS_ATTR, {}).values()
+        with kept_dtype([u.coords for u in units]):
+            return type(self.module)._apply(self.module, fn, recurse)
 
 
 def detach(module: nn.Module) -> list[ExpertsUnit]:
@@ -256,7 +270,7 @@ def detach(module: nn.Module) -> list[ExpertsUnit]:
         unit.weight.requires_grad_(unit._weight_requires_grad)
     for h in getattr(module, "_memwrap_hook_handles", []):
         h.remove()
-    for attr in (UNITS_ATTR, "_memwrap_hook_handles"):
+    for attr in (UNITS_ATTR, "_memwrap_hook_handles", "_apply"):
         if attr in module.__dict__:
             object.__delattr__(module, attr)
     return units

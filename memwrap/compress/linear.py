@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import merge
-from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype
+from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype, kept_dtype
 
 
 class _CompressedLinearFn(torch.autograd.Function):
@@ -86,6 +86,10 @@ class CompressedLinear(CompressedWeight, nn.Module):
         cdt = compute_dtype(x)
         x_tilde = self.compress_input(x, cdt)
         return _CompressedLinearFn.apply(x, self.weight, self.bias, self.coords, x_tilde, cdt, self.transposed)
+
+    def _apply(self, fn, recurse=True):
+        with kept_dtype([self.coords]):  # a dtype cast of the model leaves the optimizer-facing coords as they are
+            return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

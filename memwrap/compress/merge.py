@@ -36,13 +36,81 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..errors import OptimizerBeforeWrapError
+from ..errors import NonFiniteError, OptimizerBeforeWrapError
 from .base import CompressedWeight, local, materialize
 
 _UNITS: weakref.WeakSet = weakref.WeakSet()  # every live compressed weight (linear or experts)
 _GLOBAL_HOOK = None  # the discovery pre-hook's handle while any compressed weight is alive
 _LINKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> _Link (what memwrap knows of it)
 _WARNED: set[str] = set()  # one-time warnings already given
+
+
+# ---- non-finite steps ---------------------------------------------------------------------------------------------
+def _policy(units) -> str:
+    policies = {getattr(u, "nonfinite", "skip") for u in units}
+    return next((p for p in ("raise", "skip") if p in policies), "ignore")
+
+
+def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """One bool tensor: every element of every gradient finite. A fused max-abs per (device, dtype) group, reduced to
+    one flag on the first gradient's device (all-reduced when the gradients are shards of DTensors)."""
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(local(g))
+    first = grads[0]
+    flags = [torch.stack(torch._foreach_norm(ts, ord=math.inf)).float().isfinite().all().to(local(first).device)
+             for ts in groups.values()]
+    ok = torch.stack(flags).all() if len(flags) > 1 else flags[0]
+    if getattr(first, "placements", None) is not None:  # FSDP2: each rank holds other rows; all must agree
+        import torch.distributed as dist
+
+        bad = (~ok).to(torch.int32)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        ok = bad == 0
+    return ok
+
+
+def nonfinite_check(optimizer, held: list[tuple[torch.Tensor, CompressedWeight]]) -> bool:
+    """Before an optimizer step over coords: True when the step goes ahead, False when it must be skipped.
+
+    held: (coords, its layer) for every coords with a gradient. The layers' policy (memwrap.wrap(nonfinite=...)):
+    "skip" (a step with a non-finite coords gradient is skipped whole, counted, and warned about), "raise"
+    (NonFiniteError naming the first such layer, before anything changed), "ignore". One host sync per step."""
+    if not held:
+        return True
+    policy = _policy(u for _, u in held)
+    if policy == "ignore" or bool(_all_finite([p.grad for p, _ in held])):
+        return True
+    bad = next((u.layer_name for p, u in held if not bool(local(p.grad).isfinite().all())), "?")
+    if policy == "raise":
+        raise NonFiniteError(
+            f"the gradient of wrapped layer {bad!r} is not finite (inf or NaN) at this {type(optimizer).__name__} step; "
+            "nothing was updated. Lower the learning rate, clip gradients (torch.nn.utils.clip_grad_norm_), use bf16 "
+            "instead of fp16 or a GradScaler, or wrap with nonfinite='skip' to skip such steps.", layer=bad)
+    for _, unit in held:
+        unit.skipped_steps = getattr(unit, "skipped_steps", 0) + 1
+    count = max(getattr(u, "skipped_steps", 0) for _, u in held)
+    if count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th ... skip: a count, not a flood
+        warnings.warn(f"memwrap: skipped an optimizer step whose gradients are not finite (inf or NaN; first in "
+                      f"{bad!r}); {count} step(s) skipped so far. The weights and the optimizer state are as before "
+                      "the step. Lower the learning rate or clip gradients if this repeats; wrap(nonfinite='raise') "
+                      "stops instead.", RuntimeWarning, stacklevel=4)
+    return False
+
+
+def _skip_torch_step(optimizer, kwargs) -> None:
+    """The discovery pre-hook's check for a torch optimizer holding coords: on a skipped step every gradient of the
+    optimizer is set to None, so the optimizer itself steps nothing (its state and step counts stay as they were)
+    and the post-hook merges nothing."""
+    if _step_skipped(optimizer, kwargs):  # GradScaler's own skip (fused optimizers): its decision stands
+        return
+    by_coords = layers_by_coords()
+    held = [(p, by_coords[id(p)]) for g in optimizer.param_groups for p in g["params"]
+            if id(p) in by_coords and p.grad is not None]
+    if not nonfinite_check(optimizer, held):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
 
 # ---- first moments: which optimizer state is carried into a refreshed subspace ----------------------------------
@@ -231,15 +299,15 @@ def _is_zero_redundancy(optimizer) -> bool:
 def _discover(optimizer, args, kwargs) -> None:
     """Global pre-hook: link an optimizer at its first step (again when its parameter list changed)."""
     link = _LINKS.get(optimizer)
-    if link is not None and link.n_params == _n_params(optimizer):
-        if link.check_resume and link.holds_coords and not link.owns_merge:
-            _check_resume(optimizer, link)
-        return
-    if link is not None:
-        link.remove_hooks()
-    link = _link(optimizer)
+    if link is None or link.n_params != _n_params(optimizer):
+        if link is not None:
+            link.remove_hooks()
+        link = _link(optimizer)
     if link.holds_coords and not link.owns_merge:
-        _check_resume(optimizer, link)
+        if link.check_resume:
+            _check_resume(optimizer, link)
+        if not link.deferred:
+            _skip_torch_step(optimizer, kwargs)
 
 
 def check_heads(params) -> None:

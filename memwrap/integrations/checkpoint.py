@@ -6,6 +6,12 @@ A checkpoint directory holds plain files any tool can read:
     memwrap_plan.json                                                the Plan; `wrap(model, plan=...)` reapplies it
     memwrap_state.json                                               each wrapped weight's step counter (which P)
     optimizer.pt                                                     optimizer.state_dict(), tensors and numbers only
+    memwrap_manifest.json                                            format version; size and SHA-256 of every file
+
+`load` and `load_optimizer` check the manifest before reading anything into the model: a truncated, missing or altered
+file raises CheckpointCorruptError, a newer format CheckpointVersionError (directories without a manifest, e.g.
+save_pretrained output or memwrap 0.1.0 checkpoints, load unchecked). Every OS or format error becomes a
+CheckpointError subclass naming the path (memwrap.errors).
 
 `save` writes the whole directory beside the target (`<dir>.tmp-*`) and swaps it in with renames, so a crash at
 any point leaves the previous checkpoint loadable: either `<dir>` is complete, or the rename was interrupted and
@@ -14,9 +20,11 @@ any point leaves the previous checkpoint loadable: either `<dir>` is complete, o
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
 
@@ -27,13 +35,87 @@ from ..atomic import atomic_write_bytes, atomic_write_text
 from ..compress.inject import check_plan_against_model, is_wrapped, require_wrapped
 from ..compress.merge import sync, units_of
 from ..config import Plan
-from ..errors import CheckpointError, InvalidSettingsError, PlanMismatchError
+from ..errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointVersionError,
+    CheckpointWriteError,
+    InvalidSettingsError,
+    PlanMismatchError,
+)
 
 PLAN_NAME = "memwrap_plan.json"
 STATE_NAME = "memwrap_state.json"
 STATE_FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
+MANIFEST_NAME = "memwrap_manifest.json"
+CHECKPOINT_FORMAT_VERSION = 1  # of the directory as a whole (the manifest); a newer one is refused
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str) -> None:
+    """memwrap_manifest.json: the format version and each file's size and SHA-256 (written last, before the swap)."""
+    from .. import __version__
+
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory).replace(os.sep, "/")
+            if rel != MANIFEST_NAME:
+                files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    atomic_write_text(os.path.join(directory, MANIFEST_NAME), json.dumps(
+        {"format": "memwrap-checkpoint", "format_version": CHECKPOINT_FORMAT_VERSION, "memwrap_version": __version__,
+         "files": dict(sorted(files.items()))}, indent=1))
+
+
+def verify(directory: str | os.PathLike, names: tuple[str, ...] | None = None) -> bool:
+    """Check a checkpoint against its manifest before anything is read from it: every listed file (or those of
+    `names` that are listed) exists with its size and SHA-256. False when the directory has no manifest (written by
+    save_pretrained or memwrap 0.1.0: nothing to check against)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointNotFoundError(f"checkpoint directory {directory!r} does not exist; pass the directory "
+                                      "memwrap.save (or save_pretrained) wrote.")
+    path = os.path.join(directory, MANIFEST_NAME)
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        version, files = manifest["format_version"], manifest["files"]
+        listed = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointCorruptError(f"{path!r} is not a readable memwrap manifest ({e}); the checkpoint is damaged: "
+                                     "load an earlier one, or save again.") from e
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointVersionError(f"checkpoint {directory!r} has format {version!r}; this memwrap reads up to "
+                                     f"{CHECKPOINT_FORMAT_VERSION}. Upgrade memwrap (pip install -U memwrap) to load it.")
+    for rel, (size, digest) in listed.items():
+        if names is not None and rel not in names:
+            continue
+        file = os.path.join(directory, rel)
+        if not os.path.exists(file):
+            raise CheckpointCorruptError(f"{file!r} is missing from checkpoint {directory!r} (its manifest lists it); "
+                                         "the checkpoint is incomplete: load an earlier one, or save again.")
+        actual = os.path.getsize(file)
+        if actual != size:
+            raise CheckpointCorruptError(f"{file!r} has {actual} bytes, its manifest says {size}: the file is "
+                                         f"{'truncated' if actual < size else 'altered'}. Nothing was loaded; load an "
+                                         "earlier checkpoint, or save again.")
+        if _sha256(file) != digest:
+            raise CheckpointCorruptError(f"{file!r} fails its SHA-256 check (the bytes changed after memwrap.save "
+                                         "wrote them). Nothing was loaded; load an earlier checkpoint, or save again.")
+    return True
 
 
 def _stage(name: str) -> None:
@@ -106,8 +188,11 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
         raise InvalidSettingsError(f"{final!r} is a non-empty directory that memwrap.save did not write; memwrap.save replaces "
                                    "the whole directory, so pass a new or empty directory.")
     parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
+    except OSError as e:
+        raise _write_error(final, e) from e
     try:
         _write_weights(model, tmp)
         _stage("weights")
@@ -118,6 +203,7 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
             torch.save(optimizer.state_dict(), buffer)
             atomic_write_bytes(os.path.join(tmp, OPTIMIZER_NAME), buffer.getvalue())
         _stage("optimizer")
+        write_manifest(tmp)
         _fsync_tree(tmp)
         old = final + ".old"
         if os.path.isdir(final):
@@ -127,36 +213,66 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
         _fsync_dir(parent)
         _stage("renamed")
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         recover(final)  # an error between the two renames: put the previous checkpoint back now
+        if isinstance(e, OSError) or _is_write_error(e):
+            raise _write_error(final, e) from e
         raise
     return final
+
+
+def _is_write_error(e: BaseException) -> bool:
+    """safetensors reports a failed write as its own error type (SafetensorError), not as an OSError."""
+    return type(e).__name__ == "SafetensorError" or isinstance(e.__cause__ or e.__context__, OSError)
+
+
+def _write_error(final: str, e: BaseException) -> CheckpointWriteError:
+    what = getattr(e, "strerror", None) or str(e)
+    where = getattr(e, "filename", None) or final
+    return CheckpointWriteError(f"memwrap.save could not write {where!r} ({what}) while saving checkpoint {final!r}; "
+                                "check that the parent directory exists, is writable and has free space. The previous "
+                                "checkpoint there, if any, is untouched.")
 
 
 def load_plan(directory: str | os.PathLike):
     """The Plan saved in a checkpoint directory."""
     recover(directory)
+    verify(directory, (PLAN_NAME,))
     path = os.path.join(os.fspath(directory), PLAN_NAME)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path!r} does not exist; save checkpoints with memwrap.save(model, dir), or write the plan "
-                              f"beside save_pretrained output with memwrap.get_plan(model).save(dir + '/{PLAN_NAME}').")
-    return Plan.load(path)
+        raise CheckpointNotFoundError(
+            f"{path!r} does not exist; save checkpoints with memwrap.save(model, dir), or write the plan beside "
+            f"save_pretrained output with memwrap.get_plan(model).save(dir + '/{PLAN_NAME}').")
+    try:
+        return Plan.load(path)
+    except (PlanMismatchError, InvalidSettingsError, OSError, UnicodeDecodeError) as e:
+        cls = CheckpointVersionError if "newer memwrap" in str(e) or "format" in str(e) else CheckpointCorruptError
+        raise cls(f"{path!r} cannot be read as a memwrap plan: {e}") from e
 
 
 def _read_weights(directory: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     single = os.path.join(directory, WEIGHTS_NAME)
     if os.path.exists(single):
-        return load_file(single)
+        return _load_safetensors(single)
     shards = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
     if not shards:
-        raise CheckpointError(f"no .safetensors weights in {directory!r}; was it written by memwrap.save or save_pretrained?")
+        raise CheckpointNotFoundError(f"no .safetensors weights in {directory!r}; was it written by memwrap.save or "
+                                      "save_pretrained?")
     state: dict[str, torch.Tensor] = {}
     for name in shards:
-        state.update(load_file(os.path.join(directory, name)))
+        state.update(_load_safetensors(os.path.join(directory, name)))
     return state
+
+
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: the file is damaged, whatever the type
+        raise CheckpointCorruptError(f"{path!r} is not a readable safetensors file ({type(e).__name__}: {e}); it is "
+                                     "truncated or damaged. Nothing was loaded; load an earlier checkpoint.") from e
 
 
 def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
@@ -167,6 +283,8 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
     from ..api import get_plan, wrap
 
     directory = os.path.abspath(os.fspath(directory))
+    recover(directory)
+    verify(directory)  # every file, before anything is read into the model
     plan = load_plan(directory)
     state = _read_weights(directory)
     own = model.state_dict()
@@ -175,13 +293,17 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
              if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise CheckpointError(f"checkpoint {directory!r} does not match {type(model).__name__}: missing {missing[:3]}, "
+        raise CheckpointMismatchError(f"checkpoint {directory!r} does not match {type(model).__name__}: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}; load it into the model (class and "
                               "config) it was saved from.")
     if not is_wrapped(model):
-        check_plan_against_model(model, plan)
+        try:
+            check_plan_against_model(model, plan)
+        except PlanMismatchError as e:
+            raise CheckpointMismatchError(f"the plan of checkpoint {directory!r} does not fit {type(model).__name__}: "
+                                          f"{e}") from e
     elif _settings(get_plan(model)) != _settings(plan):
-        raise PlanMismatchError(f"{type(model).__name__} is already wrapped with other settings than the checkpoint's plan "
+        raise CheckpointMismatchError(f"{type(model).__name__} is already wrapped with other settings than the checkpoint's plan "
                                 f"in {directory!r}; call memwrap.unwrap(model) first, or load into an unwrapped model.")
     model.load_state_dict(state, strict=False)
     if not is_wrapped(model):
@@ -209,16 +331,16 @@ def read_state(model: nn.Module, directory: str | os.PathLike) -> bool:
         steps = {str(k): int(v) for k, v in data["steps"].items()}
         version = data.get("format_version")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path!r} is not a memwrap state file ({e}); save the checkpoint again with memwrap.save.") \
-            from e
+        raise CheckpointCorruptError(f"{path!r} is not a memwrap state file ({e}); save the checkpoint again with "
+                                     "memwrap.save.") from e
     if version != STATE_FORMAT_VERSION:
-        raise CheckpointError(f"{path!r} has format {version!r}, not {STATE_FORMAT_VERSION}; it was written by another "
-                              "memwrap version.")
+        raise CheckpointVersionError(f"{path!r} has format {version!r}, not {STATE_FORMAT_VERSION}; it was written by "
+                                     "another memwrap version: load it with that version, or upgrade memwrap.")
     units = units_of(model)
     unknown = sorted(set(steps) - {u.layer_name for u in units})
     if unknown:
-        raise CheckpointError(f"{path!r} names layers this wrapped model does not have ({unknown[:3]}); load the "
-                              "checkpoint into the model it was saved from.")
+        raise CheckpointMismatchError(f"{path!r} names layers this wrapped model does not have ({unknown[:3]}); load "
+                                      "the checkpoint into the model it was saved from.")
     for unit in units:
         if unit.layer_name in steps:
             unit.set_steps(steps[unit.layer_name])
@@ -240,8 +362,22 @@ def _is_tied_duplicate(model: nn.Module, key: str, state: dict) -> bool:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
     """`optimizer.load_state_dict(torch.load(optimizer.pt, weights_only=True))`, then restore each layer's P index."""
+    recover(directory)
+    verify(directory, (OPTIMIZER_NAME,))
     path = os.path.join(os.fspath(directory), OPTIMIZER_NAME)
     if not os.path.exists(path):
-        raise CheckpointError(f"{path!r} does not exist; pass optimizer= to memwrap.save to checkpoint the optimizer.")
-    optimizer.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        raise CheckpointNotFoundError(f"{path!r} does not exist; pass optimizer= to memwrap.save to checkpoint the "
+                                      "optimizer.")
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError, ValueError) as e:
+        raise CheckpointCorruptError(f"{path!r} is not a readable optimizer state ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated or damaged. Load "
+                                     "an earlier checkpoint.") from e
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointMismatchError(f"{path!r} was saved from another optimizer than {type(optimizer).__name__} over "
+                                      f"these parameters ({e}); build the optimizer the checkpoint was saved with "
+                                      "(same kind, same parameter groups) before load_optimizer.") from e
     sync(optimizer)

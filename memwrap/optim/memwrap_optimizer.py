@@ -65,7 +65,7 @@ def _adamw_step(p, g, state, lr, beta1, beta2, eps, wd):
     block = max(1, MERGE_CHUNK_BYTES // per_row) if p.ndim else 1
     for r0 in range(0, rows, block):
         sl = (slice(r0, r0 + block),) if p.ndim else ()
-        pp, gg, m, v = p[sl], g[sl], exp_avg[sl], exp_avg_sq[sl]
+        pp, gg, m, v = p[sl], g[sl].to(exp_avg.dtype), exp_avg[sl], exp_avg_sq[sl]  # state keeps its dtype after a cast
         pp.mul_(1 - lr * wd)
         m.lerp_(gg, 1 - beta1)
         v.mul_(beta2).addcmul_(gg, gg, value=1 - beta2)
@@ -188,6 +188,10 @@ class MemwrapOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         by_id = merge.layers_by_coords()
+        held = [(p, by_id[id(p)]) for g in self.param_groups if g["compressed"] for p in g["params"]
+                if p.grad is not None and id(p) in by_id]
+        if not merge.nonfinite_check(self, held):
+            return loss  # skipped whole: no parameter, moment or step count changes
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
