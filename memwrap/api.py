@@ -108,6 +108,10 @@ def wrap(
     NonFiniteError naming the layer, or is taken as is ("ignore"). A GradScaler's own skips stay its own.
     """
     inject.require_unwrapped(model)
+    inject.require_materialized(model)
+    for key, value in (("stochastic_rounding", stochastic_rounding), ("share_inputs", share_inputs)):
+        if not isinstance(value, bool):
+            raise InvalidSettingsError(f"{key}={value!r} must be True or False.")
     from .planning.planner import zero_spec
 
     zero_setting = zero_spec(zero, world_size, offload_optimizer)  # InvalidSettingsError before anything changes
@@ -150,7 +154,7 @@ def wrap(
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Restore the original modules with every update merged; the model is plain PyTorch again."""
-    state = inject.require_wrapped(model)
+    state = inject.require_wrapped(model, "unwrap")
     if state.monitor is not None:
         state.monitor.remove()
     inject.restore_all(model)
@@ -165,6 +169,9 @@ def sync(optimizer: torch.optim.Optimizer) -> int:
     """
     from .compress import merge
 
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidSettingsError(f"memwrap.sync takes the optimizer (a torch.optim.Optimizer) whose state was just "
+                                   f"loaded; got {type(optimizer).__name__}.")
     return merge.sync(optimizer)
 
 
@@ -192,7 +199,7 @@ def report(model: nn.Module) -> str:
     """Predicted vs measured memory per part (measured after the first training step; on a GPU its peak)."""
     from .planning.monitor import report as _report
 
-    state = inject.require_wrapped(model)
+    state = inject.require_wrapped(model, "report")
     return _report(model, state.monitor, state.plan)
 
 
@@ -200,13 +207,13 @@ def skipped_steps(model: nn.Module) -> int:
     """How many optimizer steps memwrap skipped for inf/NaN gradients (wrap(nonfinite="skip")) since wrap or load."""
     from .compress.merge import units_of
 
-    inject.require_wrapped(model)
+    inject.require_wrapped(model, "skipped_steps")
     return max((getattr(u, "skipped_steps", 0) for u in units_of(model)), default=0)
 
 
 def get_plan(model: nn.Module) -> Plan:
     """The Plan a wrapped model was wrapped with."""
-    return inject.require_wrapped(model).plan
+    return inject.require_wrapped(model, "get_plan").plan
 
 
 def optimizer(
@@ -226,7 +233,7 @@ def optimizer(
     """
     from .optim import MemwrapOptimizer
 
-    state = inject.require_wrapped(model)
+    state = inject.require_wrapped(model, "optimizer")
     kind = kind if kind is not None else (state.plan.optimizer or "projfactor")
     return MemwrapOptimizer.for_model(model, lr=lr, kind=kind, betas=betas, eps=eps, weight_decay=weight_decay,
                                       error_feedback=error_feedback, no_decay=_as_tuple(no_decay, "no_decay") or ())

@@ -266,7 +266,11 @@ class Plan:
             with open(path, encoding="utf-8") as f:
                 return cls.from_json(f.read())
         except FileNotFoundError as e:
-            raise PlanMismatchError(f"plan file {os.fspath(path)!r} does not exist.") from e
+            raise PlanMismatchError(f"plan file {os.fspath(path)!r} does not exist; pass the path a plan was saved "
+                                    "to (memwrap plan MODEL --save plan.json, or Plan.save).") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanMismatchError(f"plan file {os.fspath(path)!r} cannot be read ({e}); pass the path of a plan "
+                                    "JSON file (memwrap plan MODEL --save plan.json).") from e
 
     # ---- display ---------------------------------------------------------------------------------
     def table(self, tokens: int | None = None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -388,7 +389,27 @@ def restore_all(model: nn.Module) -> int:
     return count
 
 
-def require_wrapped(model: nn.Module):
+def require_module(model, verb: str) -> None:
+    """InvalidSettingsError unless `model` is an nn.Module (a path or a name is a common slip)."""
+    if not isinstance(model, nn.Module):
+        hint = " (a path or hub name: load the model first, e.g. AutoModelForCausalLM.from_pretrained(...))" \
+            if isinstance(model, str | os.PathLike) else ""
+        raise InvalidSettingsError(f"memwrap.{verb} takes the model, a torch.nn.Module; got {type(model).__name__}"
+                                   f"{hint}.")
+
+
+def require_materialized(model: nn.Module) -> None:
+    """InvalidSettingsError for a model whose weights are on the meta device (nothing to train yet)."""
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise InvalidSettingsError(
+            f"{type(model).__name__} has {len(meta)} parameter(s) on the meta device (e.g. {meta[0]!r}): there are no "
+            "weights to train yet. Load or materialize them first (model.to_empty(device=...) and load_state_dict, or "
+            "from_pretrained), then wrap; to plan without weights use memwrap.plan(config_or_name, budget_gb=...).")
+
+
+def require_wrapped(model: nn.Module, verb: str = "wrap"):
+    require_module(model, verb)
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         raise NotWrappedError(f"{type(model).__name__} is not wrapped by memwrap; call memwrap.wrap(model) first.")
@@ -396,6 +417,7 @@ def require_wrapped(model: nn.Module):
 
 
 def require_unwrapped(model: nn.Module) -> None:
+    require_module(model, "wrap")
     if is_wrapped(model):
         raise AlreadyWrappedError(
             f"{type(model).__name__} is already wrapped by memwrap; call memwrap.unwrap(model) before wrapping it again.")

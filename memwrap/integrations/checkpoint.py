@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_write_bytes, atomic_write_text
-from ..compress.inject import check_plan_against_model, is_wrapped, require_wrapped
+from ..compress.inject import check_plan_against_model, is_wrapped, require_module, require_wrapped
 from ..compress.merge import sync, units_of
 from ..config import Plan
 from ..errors import (
@@ -173,13 +173,18 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
 
     The directory is replaced as a whole; a crash mid-save leaves the previous checkpoint loadable by `load`.
     """
+    require_module(model, "save")
+    _require_path(directory, "save")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidSettingsError(f"memwrap.save: optimizer= takes a torch.optim.Optimizer (or None), got "
+                                   f"{type(optimizer).__name__}.")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     if any(hasattr(p, "device_mesh") for p in model.parameters()):
         raise InvalidSettingsError("memwrap.save got a sharded (FSDP2/DTensor) model; checkpoint it with "
                                    "torch.distributed.checkpoint (get_state_dict + dcp.save) as docs/retrofit.md shows, "
                                    "then memwrap.sync(optimizer) after loading.")
-    plan = require_wrapped(model).plan
+    plan = require_wrapped(model, "save").plan
     final = os.path.abspath(os.fspath(directory))
     if os.path.isfile(final):
         raise InvalidSettingsError(f"{final!r} is a file; memwrap.save needs a directory path.")
@@ -222,6 +227,12 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
     return final
 
 
+def _require_path(directory, verb: str) -> None:
+    if not isinstance(directory, str | os.PathLike) or not os.fspath(directory):
+        raise InvalidSettingsError(f"memwrap.{verb} takes a checkpoint directory path (str or os.PathLike), got "
+                                   f"{directory!r}.")
+
+
 def _is_write_error(e: BaseException) -> bool:
     """safetensors reports a failed write as its own error type (SafetensorError), not as an OSError."""
     return type(e).__name__ == "SafetensorError" or isinstance(e.__cause__ or e.__context__, OSError)
@@ -237,6 +248,7 @@ def _write_error(final: str, e: BaseException) -> CheckpointWriteError:
 
 def load_plan(directory: str | os.PathLike):
     """The Plan saved in a checkpoint directory."""
+    _require_path(directory, "load_plan")
     recover(directory)
     verify(directory, (PLAN_NAME,))
     path = os.path.join(os.fspath(directory), PLAN_NAME)
@@ -282,6 +294,8 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
     """
     from ..api import get_plan, wrap
 
+    require_module(model, "load")
+    _require_path(directory, "load")
     directory = os.path.abspath(os.fspath(directory))
     recover(directory)
     verify(directory)  # every file, before anything is read into the model
@@ -362,6 +376,10 @@ def _is_tied_duplicate(model: nn.Module, key: str, state: dict) -> bool:
 
 def load_optimizer(optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
     """`optimizer.load_state_dict(torch.load(optimizer.pt, weights_only=True))`, then restore each layer's P index."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise InvalidSettingsError(f"memwrap.load_optimizer takes the optimizer built over the wrapped model (a "
+                                   f"torch.optim.Optimizer), got {type(optimizer).__name__}.")
+    _require_path(directory, "load_optimizer")
     recover(directory)
     verify(directory, (OPTIMIZER_NAME,))
     path = os.path.join(os.fspath(directory), OPTIMIZER_NAME)

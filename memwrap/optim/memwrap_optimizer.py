@@ -42,14 +42,15 @@ OPTIMIZER_KINDS = ("projfactor", "adamw")
 
 def _check_hparams(lr, betas, eps, weight_decay, kind):
     def bad(x):
-        return not isinstance(x, int | float) or isinstance(x, bool) or math.isnan(x) or x < 0
+        return not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x) or x < 0
 
     if bad(lr):
-        raise InvalidSettingsError(f"lr={lr!r} must be a non-negative number.")
+        raise InvalidSettingsError(f"lr={lr!r} must be a finite non-negative number (e.g. 1e-4).")
     if bad(eps) or bad(weight_decay):
-        raise InvalidSettingsError(f"eps={eps!r} and weight_decay={weight_decay!r} must be non-negative numbers.")
-    if len(betas) != 2 or any(bad(b) or b >= 1 for b in betas):
-        raise InvalidSettingsError(f"betas={betas!r} must be two numbers in [0, 1).")
+        raise InvalidSettingsError(f"eps={eps!r} and weight_decay={weight_decay!r} must be finite non-negative numbers "
+                                   "(defaults: 1e-8 and 0.0).")
+    if not isinstance(betas, tuple | list) or len(betas) != 2 or any(bad(b) or b >= 1 for b in betas):
+        raise InvalidSettingsError(f"betas={betas!r} must be two numbers in [0, 1), e.g. (0.9, 0.999).")
     if kind not in OPTIMIZER_KINDS:
         raise InvalidSettingsError(f"kind={kind!r} is unknown; use one of {', '.join(OPTIMIZER_KINDS)}.")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -556,6 +557,10 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     offload_optimizer: the budget is one rank's under DeepSpeed ZeRO. Raises BudgetTooSmallError when
     nothing fits, InvalidSettingsError for bad input or an unknown model.
     """
+    if not isinstance(model, str | os.PathLike) or not os.fspath(model).strip():
+        raise InvalidSettingsError(f"memwrap.plan takes a model name (a family like 'llama-2-7b'), a config.json path "
+                                   f"or a local model directory; got {model!r}. To plan a loaded model use "
+                                   "memwrap.wrap(model, budget_gb=...).")
     _validate(budget_gb, batch_size, seq_len)
     zero = zero_spec(zero, world_size, offload_optimizer)
     _, dtype_bytes = dtype_from_name(dtype)
