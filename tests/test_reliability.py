@@ -345,3 +345,22 @@ def test_two_processes_with_one_seed_train_bit_identically():
     for key in first:
         assert other[key]["projections"] != first[key]["projections"]
         assert other[key]["weights"] != first[key]["weights"]
+
+
+def test_every_test_the_guarantees_page_names_exists():
+    """docs/guarantees.md points each promise at a test: every `file::test` it names is a test function in that file
+    (a `::test` alone belongs to the file named before it)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "guarantees.md"), encoding="utf-8").read()
+    named, current = [], None
+    for match in re.finditer(r"(test_\w+\.py)(?:::(test_\w+))?|::(test_\w+)", text):
+        current = match.group(1) or current
+        name = match.group(2) or match.group(3)
+        if name:
+            named.append((current, name))
+        elif match.group(1):
+            named.append((current, None))
+    assert len(named) >= 30
+    for file, name in named:
+        source = open(os.path.join(root, "tests", file), encoding="utf-8").read()
+        assert name is None or re.search(rf"^def {name}\(", source, re.M), f"{file}::{name}"
