@@ -75,6 +75,12 @@ def format_table(model: str, plan, baselines: dict) -> str:
         lines.append(f"{part:<20}" + "".join(f"{_gb(data[c].get(part), scale):>12}" for c in cols))
     fits = ["yes" if data[c]["peak"] <= (plan.budget_bytes or 0) else "no" for c in cols]
     lines.append(f"{'fits budget':<20}" + "".join(f"{f:>12}" for f in fits))
+    plain = next((c for c in baselines if data[c]["peak"] <= (plan.budget_bytes or 0)), None)
+    if plain is not None:
+        lines.append(f"note: {'plain AdamW' if plain == 'AdamW' else 'AdamW with gradient checkpointing'} fits this "
+                     f"budget without memwrap (peak {_gb(data[plain]['peak'], scale)} {unit}); memwrap's plan leaves "
+                     f"{_gb((plan.budget_bytes or 0) - data['memwrap']['peak'], scale)} {unit} free for a larger batch "
+                     "or longer sequences, at a small loss cost (docs/results)")
     lines += ["", f"{'layer kind':<28}{'count':>6}{'E':>5}{'n×m':>14}{'c':>6}{'r':>5}{'c·r/m':>9}"]
     kinds: dict[tuple, int] = {}
     for lp in plan.layers:

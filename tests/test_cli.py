@@ -125,3 +125,20 @@ def test_real_subprocess_plan_json_and_error(config_dir):
     envrun = subprocess.run([sys.executable, "-m", "memwrap.cli", "env"], capture_output=True, text=True, env=env,
                             timeout=120)
     assert envrun.returncode == 0 and "torch" in envrun.stdout and "ram" in envrun.stdout
+
+
+def test_plan_says_when_plain_adamw_already_fits(config_dir):
+    """A budget plain AdamW fits gets a note saying so (memwrap is not needed there); a tight one does not."""
+    def note_and_peaks(budget):
+        res = run("plan", config_dir, "--budget-gb", budget, "--batch-size", "4", "--seq-len", "64", "--dtype", "fp32")
+        assert res.exit_code == 0, res.output
+        peak_row = next(line for line in res.output.splitlines() if line.startswith("peak"))
+        unit = next(line for line in res.output.splitlines() if line.split()[:1] in (["GB"], ["MB"], ["KB"])).split()[0]
+        scale = {"GB": 1e9, "MB": 1e6, "KB": 1e3}[unit]
+        notes = [line for line in res.output.splitlines() if line.startswith("note: ")]
+        return notes, [float(x) * scale / 1e9 for x in peak_row.split()[1:]]
+
+    notes, (adamw, _, _) = note_and_peaks("100")
+    assert len(notes) == 1 and notes[0].startswith("note: plain AdamW fits this budget without memwrap")
+    notes, (adamw, ckpt, mw) = note_and_peaks("0.01")
+    assert min(adamw, ckpt) > 0.01 >= mw and not notes
