@@ -140,5 +140,5 @@ def test_plan_says_when_plain_adamw_already_fits(config_dir):
 
     notes, (adamw, _, _) = note_and_peaks("100")
     assert len(notes) == 1 and notes[0].startswith("note: plain AdamW fits this budget without memwrap")
-    notes, (adamw, ckpt, mw) = note_and_peaks("0.01")
-    assert min(adamw, ckpt) > 0.01 >= mw and not notes
+    notes, (adamw, ckpt, mw) = note_and_peaks("0.0025")
+    assert min(adamw, ckpt) > 0.0025 >= mw and not notes
