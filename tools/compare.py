@@ -257,7 +257,8 @@ def adamw_8bit(model, lr):
 def memwrap_at(fraction, refresh_every: int = 100, seed: int = 0, optimizer: str | None = None):
     """Every wrapped layer at c·r = fraction·m (the planner's own (c, r) for that level, r near 8).
 
-    fraction: a number, or a function of (LayerPlan, layer index, number of layers) for a per-layer allocation;
+    fraction: a number, or a function of (LayerPlan, layer index, number of layers) for a per-layer allocation that
+    returns a fraction or a (c, r) pair;
     seed: the projections' seed; optimizer: the kind memwrap.optimizer builds (None: ProjFactor)."""
     import dataclasses
 
@@ -268,8 +269,10 @@ def memwrap_at(fraction, refresh_every: int = 100, seed: int = 0, optimizer: str
         memwrap.unwrap(model)
         count = 1 + max((layer_index(lp.name) for lp in first.layers), default=0)
         at = fraction if callable(fraction) else (lambda lp, i, count: fraction)
-        layers = tuple(dataclasses.replace(lp, **dict(zip("cr", settings_at(
-            lp.in_features, at(lp, layer_index(lp.name), count))))) for lp in first.layers)
+        def cr(lp):
+            got = at(lp, layer_index(lp.name), count)
+            return got if isinstance(got, tuple) else settings_at(lp.in_features, got)
+        layers = tuple(dataclasses.replace(lp, **dict(zip("cr", cr(lp)))) for lp in first.layers)
         memwrap.wrap(model, plan=dataclasses.replace(first, layers=layers, optimizer=optimizer))
         return model
     return setup

@@ -1,6 +1,7 @@
 """Training quality over long runs: held-out loss of memwrap variants as a ratio to a tuned AdamW, with seed spread.
 
     python tools/quality.py --stage screen                 # every variant, 600 steps, seed 0 (about 30 min on 1 core)
+    python tools/quality.py --stage screen2                # a second round the screen pointed at (1/16, 1/32)
     python tools/quality.py --stage final                  # the finalists, 2000 steps, seeds 0 1 2
     python tools/quality.py --report                       # table + plot from the stored runs, no training
 
@@ -65,6 +66,11 @@ def per_depth(early: float, late: float):
     return lambda lp, i, n: early if i < n // 2 else late
 
 
+def at_rank(fraction: float, rank: int):
+    """c·r = fraction·m with the rank r fixed (granularity c = fraction·m / r): VLoRP's granularity axis."""
+    return lambda lp, i, n: (max(1, round(lp.in_features * fraction / rank)), rank)
+
+
 def equal_bytes_mlp(attn: float, total: float = 1 / 8) -> float:
     """The MLP fraction that keeps the block's compressed bytes at `total` with attention at `attn`."""
     return (total * (ATTN + MLP) - attn * ATTN) / MLP
@@ -90,12 +96,19 @@ VARIANTS = {v.name: v for v in [
             note="attention 1/4, MLP finer, equal bytes"),
     Variant("1/8-early-fine", fraction=per_depth(1 / 16, 3 / 16), note="blocks 0-1 at 1/16, 2-3 at 3/16"),
     Variant("1/8-late-fine", fraction=per_depth(3 / 16, 1 / 16), note="blocks 0-1 at 3/16, 2-3 at 1/16"),
+    # second round, after the screen: what might bring 1/16 and 1/32 closer
+    Variant("1/16-lr×0.7", fraction=1 / 16, lr_scale=0.7, note="compressed layers at 0.7× the lr"),
+    Variant("1/16-τ200", fraction=1 / 16, tau=200, note="refresh every 200"),
+    Variant("1/16-r4", fraction=at_rank(1 / 16, 4), note="rank 4, twice the blocks (c·r the same)"),
+    Variant("1/16-r2", fraction=at_rank(1 / 16, 2), note="rank 2, four times the blocks"),
+    Variant("1/32-r2", fraction=at_rank(1 / 32, 2), note="rank 2, twice the blocks"),
 ]}
+SECOND = ("1/16-lr×0.7", "1/16-τ200", "1/16-r4", "1/16-r2", "1/32-r2")
 STAGES = {
-    "screen": dict(steps=600, seeds=(0,), variants=tuple(VARIANTS)),
+    "screen": dict(steps=600, seeds=(0,), variants=tuple(v for v in VARIANTS if v not in SECOND)),
+    "screen2": dict(steps=600, seeds=(0,), variants=SECOND),
     "final": dict(steps=2000, seeds=(0, 1, 2),
-                  variants=("adamw-lr0.0005", "adamw-lr0.001", "adamw-lr0.002", "1/8", "1/8-lr2e-3", "1/16", "1/32",
-                            "pf-1/8")),
+                  variants=("adamw-lr0.0005", "adamw-lr0.001", "adamw-lr0.002", "1/8", "1/16", "1/32", "pf-1/8")),
 }
 
 
@@ -227,6 +240,43 @@ def plot(tables: dict[int, dict], out: str) -> str | None:
     return out
 
 
+PUBLISHED = ("1/8", "1/16", "1/32", "pf-1/8")  # the default optimizer at three compressions, and ProjFactor
+MARK_BEGIN, MARK_END = "<!-- quality table: tools/quality.py --publish -->", "<!-- end of quality table -->"
+
+
+def publish(tables: dict[int, dict], commands: list[str]) -> list[str]:
+    """memwrap/planning/quality.json (the planner's quality curve) and the table in docs/quality.md, from the runs."""
+    from memwrap.planning.planner import QUALITY_FILE
+
+    curve = {str(h): {n: [t[n]["ratio"], t[n]["spread"]] for n in PUBLISHED if n in t and not n.startswith("pf-")}
+             for h, t in sorted(tables.items()) if t}
+    seeds = min((t[n]["seeds"] for t in tables.values() for n in PUBLISHED if n in t), default=0)
+    data = {"workload": "tiny Llama (4 layers, hidden 128) from scratch on Shakespeare bytes: tools/compare.py (1)",
+            "reference": "AdamW, lr tuned over 5e-4, 1e-3, 2e-3 (the best mean per horizon)",
+            "optimizer": f"memwrap.optimizer default ({VARIANTS['1/8'].kind}), τ {VARIANTS['1/8'].tau}, "
+                         f"lr {VARIANTS['1/8'].lr:g}",
+            "seeds": seeds, "commands": commands, "heldout_loss_ratio": curve}
+    with open(QUALITY_FILE, "w") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    rows = ["| compression | " + " | ".join(f"step {h}" for h in sorted(tables)) + " | grad + state bytes |",
+            "|---|" + "---|" * len(tables) + "---|"]
+    for name in PUBLISHED:
+        cells = []
+        for h in sorted(tables):
+            row = tables[h].get(name)
+            cells.append(f"{row['ratio']:.3f}× ± {row['spread']:.3f}" if row else "—")
+        first = next((tables[h][name] for h in sorted(tables) if name in tables[h]), None)
+        label = name.replace("pf-", "ProjFactor ") if name.startswith("pf-") else f"{name} (default optimizer)"
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {first['bytes_ratio']:.3f}× |" if first else "")
+    doc = os.path.join(ROOT, "docs", "quality.md")
+    text = open(doc, encoding="utf-8").read()
+    start, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
+    with open(doc, "w", encoding="utf-8") as f:
+        f.write(text[:start] + "\n" + "\n".join(r for r in rows if r) + "\n" + text[end:])
+    return [QUALITY_FILE, doc]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=sorted(STAGES))
@@ -235,6 +285,8 @@ def main() -> None:
     ap.add_argument("--seeds", help="comma-separated seeds")
     ap.add_argument("--report", action="store_true", help="only print the tables of the stored runs")
     ap.add_argument("--horizons", default="600,2000")
+    ap.add_argument("--publish", action="store_true",
+                    help="write the planner's quality curve (memwrap/planning/quality.json) and docs/quality.md's table")
     args = ap.parse_args()
     if not args.report:
         stage = STAGES[args.stage or "screen"]
@@ -254,6 +306,11 @@ def main() -> None:
     path = plot({h: t for h, t in tables.items() if t}, os.path.join(ROOT, "docs", "results", "quality.png"))
     if path:
         print("saved", os.path.relpath(path, ROOT))
+    if args.publish:
+        commands = ["python tools/quality.py --stage screen", "python tools/quality.py --stage final",
+                    "python tools/quality.py --report --publish"]
+        for written in publish(tables, commands):
+            print("wrote", os.path.relpath(written, ROOT))
 
 
 if __name__ == "__main__":

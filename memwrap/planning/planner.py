@@ -102,8 +102,34 @@ QUALITY_FLOOR = 1 / 8  # finer only when even checkpointing every layer does not
 HARD_FLOOR = 1 / 32  # finer only when nothing else fits; the notes then state the expected quality cost
 LOSS_CHUNK_TOKENS = 1024  # most rows of the chunked cross-entropy the planner applies to causal LMs
 LOSS_CHUNK_BYTES = 256 << 20  # ... and fewer where a chunk's logits (fp32, softmax, gradient) would pass this
-# expected held-out loss vs AdamW at 600 steps by compression (DESIGN.md §2, §5; subspace AdamW, τ ≥ 100)
-QUALITY_COST = {1 / 2: 0.0, 1 / 4: 0.0, 1 / 8: 0.005, 1 / 16: 0.05, 1 / 32: 0.10, 1 / 64: 0.14, 1 / 128: 0.2}
+QUALITY_FILE = os.path.join(os.path.dirname(__file__), "quality.json")  # written by tools/quality.py --publish
+
+
+@functools.cache
+def quality_curve() -> dict:
+    """The measured quality curve (memwrap/planning/quality.json): held-out loss ratio to a tuned AdamW per
+    compression and horizon, for the default optimizer settings; docs/quality.md shows the same numbers."""
+    import json
+
+    with open(QUALITY_FILE, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def quality_cost(level: float) -> tuple[float, bool]:
+    """(expected held-out loss above a tuned AdamW's, as a fraction; whether it is extrapolated) at compression
+    `level`: the worst measured horizon; a level between two measured ones takes the finer one's cost (pessimistic);
+    past the finest measured level the cost doubles per halving (extrapolated)."""
+    measured: dict[float, float] = {}
+    for ratios in quality_curve()["heldout_loss_ratio"].values():
+        for key, (mean, _spread) in ratios.items():
+            lv = 1 / int(key.split("/")[1])
+            measured[lv] = max(measured.get(lv, 0.0), max(0.0, mean - 1))
+    at_or_finer = [lv for lv in measured if lv <= level * 1.0001]
+    if at_or_finer:
+        return measured[max(at_or_finer)], False
+    finest = min(measured)
+    halvings = math.log2(finest / level)
+    return max(measured[finest], 0.01) * 2 ** halvings, True
 RECOMPUTE_CHOICES = (  # in no order: the planner takes, per compression, the fastest that fits
     {"mlp": "act", "attention": "keep"},
     {"mlp": "recompute", "attention": "keep"},
@@ -344,9 +370,10 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
                      f"1/{round(1 / choice.level)} for the rest, as far as the budget goes: mean relative gradient "
                      f"variance {relative_variance(choice.layers):.1f} (0 is exact)")
     if choice.level < QUALITY_FLOOR:
-        cost = QUALITY_COST.get(choice.level, 0.2)
+        cost, extrapolated = quality_cost(choice.level)
         notes.append(f"finer than 1/{round(1 / QUALITY_FLOOR)} because even checkpointing every layer does not fit at "
-                     f"1/{round(1 / QUALITY_FLOOR)}: expect held-out loss about {cost:.0%} above AdamW's at 600 steps"
+                     f"1/{round(1 / QUALITY_FLOOR)}: expect held-out loss about {cost:.1%} above a tuned AdamW's "
+                     f"({'extrapolated from' if extrapolated else 'measured:'} docs/quality.md)"
                      + (" (finer than 1/32: nothing else fits)" if choice.level < HARD_FLOOR else ""))
     applied = []
     if sv.get("norms") == "recompute":
