@@ -104,7 +104,7 @@ class WrapConfig:
     rank: int | None = None  # r per block; None: chosen by the planner
     granularity: int | None = None  # c; None: chosen by the planner
     projection: str = "stiefel"  # "stiefel" | "gaussian" | "rademacher"
-    refresh_every: int = 25  # optimizer steps between redraws of P
+    refresh_every: int = 100  # optimizer steps between redraws of P (tools/quality.py: 100 beat 25, 200, 500)
     seed: int = 0  # global seed of every projection
     targets: tuple[str, ...] | None = None  # name filters (substring or glob); None: every float linear
     exclude: tuple[str, ...] = ("lm_head",)  # name filters never wrapped
@@ -163,7 +163,7 @@ class Plan:
 
     layers: tuple[LayerPlan, ...]
     projection: str = "stiefel"
-    refresh_every: int = 25
+    refresh_every: int = 100
     seed: int = 0
     share_inputs: bool = True
     stochastic_rounding: bool = True

@@ -102,13 +102,16 @@ VARIANTS = {v.name: v for v in [
     Variant("1/16-r4", fraction=at_rank(1 / 16, 4), note="rank 4, twice the blocks (c·r the same)"),
     Variant("1/16-r2", fraction=at_rank(1 / 16, 2), note="rank 2, four times the blocks"),
     Variant("1/32-r2", fraction=at_rank(1 / 32, 2), note="rank 2, twice the blocks"),
+    # the final round: AdamW's best lr moves to 5e-4 by step 2000, so memwrap gets it too
+    *[Variant(f"{k}-lr5e-4", fraction=1 / int(k[2:]), lr=5e-4, note="lr 5e-4") for k in ("1/8", "1/16", "1/32")],
 ]}
 SECOND = ("1/16-lr×0.7", "1/16-τ200", "1/16-r4", "1/16-r2", "1/32-r2")
 STAGES = {
     "screen": dict(steps=600, seeds=(0,), variants=tuple(v for v in VARIANTS if v not in SECOND)),
     "screen2": dict(steps=600, seeds=(0,), variants=SECOND),
     "final": dict(steps=2000, seeds=(0, 1, 2),
-                  variants=("adamw-lr0.0005", "adamw-lr0.001", "adamw-lr0.002", "1/8", "1/16", "1/32", "pf-1/8")),
+                  variants=("adamw-lr0.0005", "adamw-lr0.001", "adamw-lr0.002", "1/8", "1/16", "1/32", "pf-1/8",
+                            "1/8-lr5e-4", "1/16-lr5e-4", "1/32-lr5e-4")),
 }
 
 

@@ -135,7 +135,7 @@ class ExpertsUnit(CompressedWeight):
     """One compressed fused expert weight (E experts of n × m); coords (E, n, c, r) registered on the experts module."""
 
     def __init__(self, module: nn.Module, module_name: str, pname: str, c: int, r: int, group: InputGroup, *,
-                 refresh_every: int = 25, stochastic_rounding: bool = True):
+                 refresh_every: int = 100, stochastic_rounding: bool = True):
         self.module, self.pname = module, pname
         self.num_experts, out_features, in_features = expert_shape(module, pname)
         w = getattr(module, pname)

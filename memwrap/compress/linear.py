@@ -53,7 +53,7 @@ class CompressedLinear(CompressedWeight, nn.Module):
     """Drop-in replacement of an nn.Linear (same weight and bias Parameter objects, same state_dict keys)."""
 
     def __init__(self, base: nn.Module, name: str, c: int, r: int, group: InputGroup, *,
-                 refresh_every: int = 25, stochastic_rounding: bool = True):
+                 refresh_every: int = 100, stochastic_rounding: bool = True):
         super().__init__()
         transposed = not isinstance(base, nn.Linear)  # nn.Linear keeps weight as (out, in); GPT-2's Conv1D as (in, out)
         out_features, in_features = base.weight.shape[::-1] if transposed else base.weight.shape
