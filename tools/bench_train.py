@@ -32,8 +32,8 @@ def specs(lr: float, refresh_every: int, sweep_lrs: tuple[float, ...] = ()) -> l
 
     out = [
         RunSpec("AdamW", lambda m: None, torch_adamw, "exact, full model"),
-        RunSpec("ProjFactor c4 r8", wrap(4, 8), mw_opt(), "memwrap.optimizer (default)"),
-        RunSpec("subspace AdamW c4 r8", wrap(4, 8), mw_opt(kind="adamw"), "memwrap.optimizer(kind='adamw')"),
+        RunSpec("ProjFactor c4 r8", wrap(4, 8), mw_opt(kind="projfactor"), "memwrap.optimizer(kind='projfactor')"),
+        RunSpec("subspace AdamW c4 r8", wrap(4, 8), mw_opt(kind="adamw"), "memwrap.optimizer (default)"),
         RunSpec("subspace AdamW c4 r8 head", wrap(4, 8, head="compress"), mw_opt(kind="adamw"),
                 "lm_head compressed too (what a tight plan does)"),
         RunSpec("torch AdamW c4 r8", wrap(4, 8), torch_adamw, "user's torch.optim.AdamW on coords"),

@@ -152,7 +152,7 @@ def run_demo(steps: int = 40) -> list[RunResult]:
     specs = [
         RunSpec("AdamW", lambda m: None, lambda m: torch.optim.AdamW(m.parameters(), lr=2e-3), "exact, full"),
         RunSpec("memwrap", lambda m: memwrap.wrap(m, rank=8, granularity=4),
-                lambda m: memwrap.optimizer(m, lr=2e-3), "ProjFactor, c=4, r=8"),
+                lambda m: memwrap.optimizer(m, lr=2e-3), "subspace AdamW, c=4, r=8"),
     ]
     print(f"memwrap demo: Llama-shaped model (4 layers, hidden 128), Shakespeare bytes, {steps} steps, batch 8 x 128\n")
     results = train_side_by_side(specs, config=config, steps=steps, batch_size=8, seq_len=128, eval_at=(steps,),
