@@ -37,7 +37,7 @@ import compare  # noqa: E402  (tools/compare.py: workloads, lockstep loop, byte 
 import memwrap  # noqa: E402
 
 ROOT = compare.ROOT
-RUNS = os.path.join(ROOT, "docs", "results", "quality-runs.json")
+RUNS = os.environ.get("QUALITY_RUNS") or os.path.join(ROOT, "docs", "results", "quality-runs.json")
 LR = 2e-3  # workload (1)'s learning rate (compare.py); every entry here sets its own
 ATTN, MLP = 4 * 128 * 128, 3 * 128 * 384  # weight elements per block of the workload's Llama (q k v o; gate up down)
 
@@ -55,6 +55,8 @@ class Variant:
     error_feedback: bool = False
     lr: float = 1e-3  # the whole model's learning rate
     adamw_lr: float | None = None  # set: this entry is plain AdamW at that lr (a reference)
+    warmup: tuple[float, int] | None = None  # (fraction, steps): train at that coarser compression first, then rewrap
+    tau_schedule: tuple[int, ...] = ()  # steps at which P is redrawn (a growing τ), instead of every `tau`
     note: str = ""
 
 
@@ -102,13 +104,20 @@ VARIANTS = {v.name: v for v in [
     Variant("1/16-r4", fraction=at_rank(1 / 16, 4), note="rank 4, twice the blocks (c·r the same)"),
     Variant("1/16-r2", fraction=at_rank(1 / 16, 2), note="rank 2, four times the blocks"),
     Variant("1/32-r2", fraction=at_rank(1 / 32, 2), note="rank 2, twice the blocks"),
+    # third round: a growing refresh interval, a warm-up at coarser compression
+    Variant("1/8-τ-grow", tau_schedule=tuple(25 * (2 ** k - 1) for k in range(1, 8)),
+            note="P redrawn after 25, 75, 175, 375, 775, 1575 steps (τ doubles from 25)"),
+    Variant("1/8-warm-1/4", warmup=(1 / 4, 100), note="1/4 for 100 steps, then 1/8 (moments of the rest kept)"),
+    Variant("1/16-warm-1/4", fraction=1 / 16, warmup=(1 / 4, 100), note="1/4 for 100 steps, then 1/16"),
     # the final round: AdamW's best lr moves to 5e-4 by step 2000, so memwrap gets it too
     *[Variant(f"{k}-lr5e-4", fraction=1 / int(k[2:]), lr=5e-4, note="lr 5e-4") for k in ("1/8", "1/16", "1/32")],
 ]}
 SECOND = ("1/16-lr×0.7", "1/16-τ200", "1/16-r4", "1/16-r2", "1/32-r2")
+THIRD = ("1/8-τ-grow", "1/8-warm-1/4", "1/16-warm-1/4")
 STAGES = {
-    "screen": dict(steps=600, seeds=(0,), variants=tuple(v for v in VARIANTS if v not in SECOND)),
+    "screen": dict(steps=600, seeds=(0,), variants=tuple(v for v in list(VARIANTS)[:25] if v not in SECOND)),
     "screen2": dict(steps=600, seeds=(0,), variants=SECOND),
+    "screen3": dict(steps=600, seeds=(0,), variants=THIRD),
     "final": dict(steps=2000, seeds=(0, 1, 2),
                   variants=("adamw-lr0.0005", "adamw-lr0.001", "adamw-lr0.002", "1/8", "1/16", "1/32", "pf-1/8",
                             "1/8-lr5e-4", "1/16-lr5e-4", "1/32-lr5e-4")),
@@ -126,8 +135,43 @@ def method(v: Variant, seed: int) -> compare.Method:
             if group.get("compressed"):
                 group["lr"] = lr * v.lr_scale
         return opt
-    return compare.Method(v.name, build_opt, setup=compare.memwrap_at(v.fraction, v.tau, seed=seed), note=v.note,
+    start = v.warmup[0] if v.warmup else v.fraction
+    return compare.Method(v.name, build_opt, setup=compare.memwrap_at(start, v.tau, seed=seed), note=v.note,
                           lr_scale=scale)
+
+
+def grow_tau(run: compare.Run, schedule: tuple[int, ...]) -> None:
+    """The growing-τ variant: every wrapped layer's refresh index becomes the number of schedule steps passed."""
+    import bisect
+    import types
+
+    from memwrap.compress.merge import units_of
+
+    def advance(unit, step):
+        new_index = bisect.bisect_right(schedule, step)
+        if new_index == unit.refresh_index:
+            return None
+        t = unit.group.transfer(unit.refresh_index, new_index)
+        unit.refresh_index = new_index
+        unit.group.refresh_index = max(unit.group.refresh_index, new_index)
+        unit.sync_live()
+        return t
+    for unit in units_of(run.model):
+        unit.advance = types.MethodType(advance, unit)
+
+
+def rewrap(run: compare.Run, v: Variant, seed: int) -> None:
+    """End of a warm-up: merge is done (coords are zero after every step), so unwrap, wrap at the target compression
+    and build the optimizer again; the other parameters keep their AdamW moments and step counts."""
+    from memwrap.compress.merge import layers_by_coords
+
+    coords = set(layers_by_coords())
+    kept = {p: st for p, st in run.opt.state.items() if id(p) not in coords}
+    memwrap.unwrap(run.model)
+    compare.memwrap_at(v.fraction, v.tau, seed=seed)(run.model)
+    run.opt = run.method.optimizer(run.model, LR * run.method.lr_scale)
+    for p, st in kept.items():
+        run.opt.state[p] = st
 
 
 def reset_at_refresh(run: compare.Run) -> None:
@@ -149,11 +193,16 @@ def train(names: list[str], steps: int, seed: int) -> dict:
     work = compare.WORKLOADS["shakespeare"]()
     work.eval_every = 100
     variants = [VARIANTS[n] for n in names]
-    resets = {v.name for v in variants if not v.carry}
+    by_name = {v.name: v for v in variants}
 
     def after(run):
-        if run.method.name in resets:
+        v, step = by_name[run.method.name], len(run.losses) + 1
+        if not v.carry:
             reset_at_refresh(run)
+        if v.tau_schedule and step == 1:
+            grow_tau(run, v.tau_schedule)
+        if v.warmup and step == v.warmup[1]:
+            rewrap(run, v, seed)
     runs = compare.train_all([method(v, seed) for v in variants], work, steps=steps, lr=LR, device="cpu",
                              seed=seed, after_step=after, log_every=100)
     return {r.method.name: {"heldout": {str(k): round(v, 5) for k, v in r.heldout.items()},
