@@ -147,17 +147,8 @@ def grow_tau(run: compare.Run, schedule: tuple[int, ...]) -> None:
 
     from memwrap.compress.merge import units_of
 
-    def advance(unit, step):
-        new_index = bisect.bisect_right(schedule, step)
-        if new_index == unit.refresh_index:
-            return None
-        t = unit.group.transfer(unit.refresh_index, new_index)
-        unit.refresh_index = new_index
-        unit.group.refresh_index = max(unit.group.refresh_index, new_index)
-        unit.sync_live()
-        return t
     for unit in units_of(run.model):
-        unit.advance = types.MethodType(advance, unit)
+        unit.index_at = types.MethodType(lambda unit, steps: bisect.bisect_right(schedule, steps), unit)
 
 
 def rewrap(run: compare.Run, v: Variant, seed: int) -> None:

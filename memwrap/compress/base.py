@@ -299,9 +299,13 @@ class CompressedWeight:
                               stochastic=self.stochastic_rounding, seed=self.group.seed,
                               name=f"{self.layer_name}#{idx}.{r0}", step=step)
 
+    def index_at(self, steps: int) -> int:
+        """Which P (refresh index) the coordinates live under after `steps` completed optimizer steps."""
+        return steps // self.refresh_every
+
     def advance(self, step: int) -> torch.Tensor | None:
         """Move to the refresh index of `step` completed steps; the r × r transfer of coordinates if P changed."""
-        new_index = step // self.refresh_every
+        new_index = self.index_at(step)
         if new_index == self.refresh_index:
             return None
         t = self.group.transfer(self.refresh_index, new_index)
@@ -313,7 +317,7 @@ class CompressedWeight:
     def set_steps(self, steps: int) -> None:
         """Put the weight at `steps` completed optimizer steps (a restored checkpoint): counter and P."""
         self.steps = int(steps)
-        self.refresh_index = self.steps // self.refresh_every
+        self.refresh_index = self.index_at(self.steps)
         self.group.refresh_index = self.refresh_index
         self.sync_live()
 

@@ -400,7 +400,7 @@ def _check_resume(optimizer, link: _Link) -> None:
             if steps is None or steps == unit.steps:
                 continue
             optimizer.state[p].pop("memwrap_step", None)
-            expected = steps // unit.refresh_every
+            expected = unit.index_at(steps)
             if expected != unit.refresh_index:
                 carry_first_moment(optimizer, p, unit.group.transfer(expected, unit.refresh_index))
             unit.steps = steps
