@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tiny import tiny_llama, token_batch
 
 import memwrap
-from memwrap.integrations.checkpoint import recover
+from memwrap.integrations.checkpoint import recover, verify
 
 WORKER = os.path.join(os.path.dirname(__file__), "checkpoint_worker.py")
 
@@ -168,8 +168,8 @@ def run_worker(*args):
     return subprocess.run([sys.executable, WORKER, *map(str, args)], capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.parametrize("stage,survivor", [("weights", "v1"), ("optimizer", "v1"), ("between-renames", "v1"),
-                                            ("renamed", "v2")])
+@pytest.mark.parametrize("stage,survivor", [("weights", "v1"), ("optimizer", "v1"), ("manifest", "v1"),
+                                            ("between-renames", "v1"), ("renamed", "v2")])
 def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path, stage, survivor):
     """The worker saves v1, then is SIGKILLed inside the save of v2; the directory loads as v1 (v2 once renamed)."""
     ckpt, ref = tmp_path / "ckpt", tmp_path
@@ -178,7 +178,8 @@ def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path, stage, survivor
     expected = torch.load(ref / f"{survivor}.pt", weights_only=True)
     other = torch.load(ref / ("v2.pt" if survivor == "v1" else "v1.pt"), weights_only=True)
     fresh = tiny_llama(seed=4)
-    memwrap.load(fresh, ckpt)  # recovers the interrupted swap first
+    memwrap.load(fresh, ckpt)  # recovers the interrupted swap first, then checks every file against the manifest
+    assert verify(ckpt)
     got = fresh.state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert not all(torch.equal(got[k], other[k]) for k in expected)

@@ -209,6 +209,7 @@ def save(model: nn.Module, directory: str | os.PathLike, optimizer: torch.optim.
             atomic_write_bytes(os.path.join(tmp, OPTIMIZER_NAME), buffer.getvalue())
         _stage("optimizer")
         write_manifest(tmp)
+        _stage("manifest")
         _fsync_tree(tmp)
         old = final + ".old"
         if os.path.isdir(final):
