@@ -85,7 +85,7 @@ def test_gradient_and_optimizer_bytes_exact(kind, optimizer):
     else:
         layers = memwrap.wrap(model, rank=4, granularity=4).layers
         if optimizer == "projfactor":
-            opt, predicted_kind = memwrap.optimizer(model, lr=1e-3), "projfactor"
+            opt, predicted_kind = memwrap.optimizer(model, lr=1e-3, kind="projfactor"), "projfactor"
         else:
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
             predicted_kind = "adamw"

@@ -161,8 +161,8 @@ def test_checkpoint_written_by_0_1_0_resumes_bit_exactly(opt_kind):
     def build(model):
         if not memwrap.compress.inject.is_wrapped(model):
             memwrap.wrap(model, rank=4, granularity=2, refresh_every=4, seed=3)
-        if opt_kind == "memwrap":
-            return memwrap.optimizer(model, lr=3e-3, weight_decay=0.1)
+        if opt_kind == "memwrap":  # ProjFactor, 0.1.0's default (a loaded state brings its kind along anyway)
+            return memwrap.optimizer(model, lr=3e-3, weight_decay=0.1, kind="projfactor")
         return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
 
     model = tiny_llama(seed=0)

@@ -155,10 +155,11 @@ def test_unknown_expert_layout_raises_and_leaves_model_untouched():
     assert "excluded by the user" in dict(plan.skipped)["experts"]
 
 
-def test_memwrap_optimizer_state_for_experts_is_compressed():
+@pytest.mark.parametrize("kind", ["adamw", "projfactor"])
+def test_memwrap_optimizer_state_for_experts_is_compressed(kind):
     model = tiny("qwen3_moe")
     memwrap.wrap(model, rank=4, granularity=2)
-    opt = memwrap.optimizer(model, lr=1e-3)
+    opt = memwrap.optimizer(model, lr=1e-3, kind=kind)
     ids = batch()
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
@@ -167,6 +168,9 @@ def test_memwrap_optimizer_state_for_experts_is_compressed():
     for u in units:
         state = opt.state[u.coords]
         assert state["exp_avg"].shape == (u.num_experts, u.out_features, 2, 4)
-        assert state["v_row"].shape == (u.num_experts, u.out_features)
-        assert state["v_col"].shape == (u.num_experts, u.in_features)
+        if kind == "adamw":  # subspace AdamW (the default): the second moment in the subspace too
+            assert state["exp_avg_sq"].shape == (u.num_experts, u.out_features, 2, 4)
+        else:
+            assert state["v_row"].shape == (u.num_experts, u.out_features)
+            assert state["v_col"].shape == (u.num_experts, u.in_features)
         assert torch.count_nonzero(u.coords) == 0
