@@ -314,7 +314,7 @@ def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, b
     zero: bytes per rank under DeepSpeed ZeRO, whose own AdamW steps the coords (memwrap's ProjFactor cannot run there).
     """
     for level in LEVELS:
-        # ProjFactor (fewer state bytes, ~4-5% loss) only where it keeps the plan from going finer than a floor
+        # ProjFactor (fewer state bytes, ~1% loss: docs/quality.md) only where it keeps the plan from going finer than a floor
         optimizers = (PLAN_OPTIMIZER, "projfactor") if level in (QUALITY_FLOOR, HARD_FLOOR) and zero is None \
             else (PLAN_OPTIMIZER,)
         for optimizer in optimizers:
@@ -398,8 +398,8 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
                      "each step into the frozen weights")
     if choice.optimizer == "projfactor":
         notes.append("optimizer states counted for ProjFactor (memwrap.optimizer(model) builds it): a factored "
-                     "second moment instead of subspace AdamW's, which does not fit at this compression; about 4-5% "
-                     "higher loss at 600 steps")
+                     "second moment instead of subspace AdamW's, which does not fit at this compression; about 1% "
+                     "higher loss than subspace AdamW at 600 steps and 2000 steps (docs/quality.md)")
     if choice.head:
         notes.append("the output head (lm_head) is compressed like the other linears: with its exact gradient and "
                      "optimizer states the plan does not fit at this compression")
