@@ -252,6 +252,11 @@ def load_plan(directory: str | os.PathLike):
     _require_path(directory, "load_plan")
     recover(directory)
     verify(directory, (PLAN_NAME,))
+    return _read_plan(directory)
+
+
+def _read_plan(directory: str | os.PathLike):
+    """The plan file of a recovered, verified checkpoint directory."""
     path = os.path.join(os.fspath(directory), PLAN_NAME)
     if not os.path.exists(path):
         raise CheckpointNotFoundError(
@@ -300,7 +305,7 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
     directory = os.path.abspath(os.fspath(directory))
     recover(directory)
     verify(directory)  # every file, before anything is read into the model
-    plan = load_plan(directory)
+    plan = _read_plan(directory)
     state = _read_weights(directory)
     own = model.state_dict()
     missing = [k for k in own if k not in state and not _is_tied_duplicate(model, k, state)]
