@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import resume_worker
@@ -163,18 +162,32 @@ def test_save_refuses_foreign_directory_and_load_names_missing_files(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, other.state_dict().values()))  # nothing was loaded
 
 
-def run_worker(*args):
+STAGES = [("weights", "v1"), ("optimizer", "v1"), ("manifest", "v1"), ("between-renames", "v1"), ("renamed", "v2")]
+
+
+def run_worker(out, mode, names):
+    """One worker process; each kill happens in a child it forks (checkpoint_worker.py). Returns each child's end."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, WORKER, *map(str, args)], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([sys.executable, WORKER, str(out), mode, ",".join(map(str, names))], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(out / "status.json") as f:
+        return json.load(f)
 
 
-@pytest.mark.parametrize("stage,survivor", [("weights", "v1"), ("optimizer", "v1"), ("manifest", "v1"),
-                                            ("between-renames", "v1"), ("renamed", "v2")])
-def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path, stage, survivor):
+@pytest.fixture(scope="module")
+def killed_saves(tmp_path_factory):
+    out = tmp_path_factory.mktemp("killed")
+    return out, run_worker(out, "stages", [stage for stage, _ in STAGES])
+
+
+@pytest.mark.parametrize("stage,survivor", STAGES)
+def test_sigkill_mid_save_leaves_a_complete_checkpoint(killed_saves, stage, survivor):
     """The worker saves v1, then is SIGKILLed inside the save of v2; the directory loads as v1 (v2 once renamed)."""
-    ckpt, ref = tmp_path / "ckpt", tmp_path
-    proc = run_worker(ckpt, ref, "stage", stage)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    out, status = killed_saves
+    assert status[stage] == signal.SIGKILL
+    ref = out / stage
+    ckpt = ref / "ckpt"
     expected = torch.load(ref / f"{survivor}.pt", weights_only=True)
     other = torch.load(ref / ("v2.pt" if survivor == "v1" else "v1.pt"), weights_only=True)
     fresh = tiny_llama(seed=4)
@@ -187,24 +200,16 @@ def test_sigkill_mid_save_leaves_a_complete_checkpoint(tmp_path, stage, survivor
     assert {int(s["step"]) for s in opt_state["state"].values()} == {int(survivor[1])}
     with open(ckpt / "memwrap_state.json") as f:
         assert set(json.load(f)["steps"].values()) == {int(survivor[1])}
-    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", "v1.pt", "v2.pt"])  # no .tmp-* or .old left behind
+    assert sorted(os.listdir(ref)) == sorted(["ckpt", "v1.pt", "v2.pt"])  # no .tmp-* or .old left behind
 
 
 def test_sigkill_at_a_random_moment_of_repeated_saves(tmp_path):
     """Kill a process that saves in a loop at arbitrary times: the checkpoint is always one whole version."""
-    ckpt = tmp_path / "ckpt"
-    for delay in (0.05, 0.23, 0.41):
-        proc = subprocess.Popen([sys.executable, WORKER, str(ckpt), str(tmp_path), "loop"], stdout=subprocess.PIPE,
-                                env=dict(os.environ, OMP_NUM_THREADS="1"), text=True)
-        try:
-            lines = []  # other libraries may log to stdout first (DeepSpeed, when installed, does)
-            while not lines or lines[-1] not in ("saved 1", ""):
-                lines.append(proc.stdout.readline().strip())
-            assert lines[-1] == "saved 1", lines
-            time.sleep(delay)
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+    delays = (0.05, 0.23, 0.41)
+    status = run_worker(tmp_path, "loop", delays)
+    assert list(status.values()) == [signal.SIGKILL] * len(delays)
+    for i in range(len(delays)):
+        ckpt = tmp_path / f"loop-{i}" / "ckpt"
         recover(ckpt)
         weights = load_file(ckpt / "model.safetensors")
         versions = {float(t.flatten()[0]) for t in weights.values()} | {float(t.flatten()[-1]) for t in weights.values()}

@@ -11,6 +11,8 @@ import pytest
 from dist_ddp import build, run_single
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_ddp.py")
+# the module's fixture launches one multi-process run: its tests stay on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("ddp")
 STEPS = 7  # P refreshed every 3 steps: two refreshes
 
 

@@ -16,6 +16,8 @@ from test_ddp import free_port
 pytest.importorskip("deepspeed")
 
 HERE = os.path.dirname(__file__)
+# the module's fixture launches one multi-process run: its tests stay on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("deepspeed")
 FP32 = ["z1", "z2", "z3", "z3-shards", "z3-offload", "z2-accum"]
 MOE = ["z3-qwen3-moe", "z3-gpt-oss"]
 BF16 = ["z1-bf16", "z3-bf16"]  # stage 1 in bf16 runs DeepSpeed's BF16_Optimizer; 2 shares stage 1's fp32 code

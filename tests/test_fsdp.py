@@ -10,6 +10,8 @@ from dist_fsdp import build, run_single
 from test_ddp import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_fsdp.py")
+# the module's fixture launches one multi-process run: its tests stay on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("fsdp")
 STEPS, SPLIT = 7, 4  # P refreshed every 3 steps; the checkpoint after step 4 sits between refreshes
 CONFIGS = ("dense:adamw", "moe:adamw", "dense:projfactor", "moe:projfactor", "dense:subspace", "dense:projfactor-ef",
            "dense:projfactor:bf16")

@@ -468,6 +468,7 @@ def zero_result(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("zero")  # one torchrun launch (the module fixture) for both tests
 def test_zero_redundancy_optimizer_at_full_rank_equals_plain_zero(zero_result):
     plain, full = zero_result["plain"], zero_result["full-rank"]
     assert relative_gap(full["losses"], plain["losses"]) < 1e-5
@@ -477,6 +478,7 @@ def test_zero_redundancy_optimizer_at_full_rank_equals_plain_zero(zero_result):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("zero")
 def test_zero_redundancy_optimizer_compressed_equals_single_process_adamw(zero_result):
     from dist_zero import GLOBAL_BATCH, build, global_batch
 

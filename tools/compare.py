@@ -53,6 +53,9 @@ class Workload:
     lr: float
     steps: int
     eval_every: int
+    batch: int = 0  # examples and tokens per example of a training batch (what memwrap's planner plans for)
+    seq: int = 0
+    plan_budget_gb: float | None = None  # the budget method memwrap-plan hands to wrap(budget_gb=...)
 
 
 def lm_loss(model, ids):
@@ -68,7 +71,8 @@ def shakespeare_workload(batch: int = 8, seq: int = 64) -> Workload:
     return Workload("shakespeare", "tiny Llama from scratch, Shakespeare (byte tokens)",
                     lambda seed=0: build_model(llama_config(hidden=128, layers=4, intermediate=384, heads=4), seed=seed),
                     lambda steps, seed: list(batches(train, batch, seq, steps, seed=seed)),
-                    lambda: fixed_batches(held, batch, seq, 8), lm_loss, lr=2e-3, steps=600, eval_every=100)
+                    lambda: fixed_batches(held, batch, seq, 8), lm_loss, lr=2e-3, steps=600, eval_every=100,
+                    batch=batch, seq=seq)
 
 
 SMOLLM2_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "memwrap", "smollm2-135m")
@@ -123,7 +127,9 @@ def smollm2_workload(batch: int = 4, seq: int = 128) -> Workload:
     return Workload("smollm2", "SmolLM2-135M fine-tune, Shakespeare (held-out tail)",
                     lambda seed=0: smollm2_model(),
                     lambda steps, seed: windows(train, steps, seed), lambda: windows(held, 6, 1234), lm_loss,
-                    lr=1e-4, steps=60, eval_every=20)
+                    lr=1e-4, steps=60, eval_every=20, batch=batch, seq=seq,
+                    # 44% of plain AdamW's fp32 peak (2.71 GB): neither AdamW nor AdamW + checkpointing fits
+                    plan_budget_gb=1.2)
 
 
 def minilm_workload(batch: int = 16) -> Workload:
@@ -167,7 +173,7 @@ def minilm_workload(batch: int = 16) -> Workload:
     return Workload("minilm", "MiniLM-L6 sentence encoder, contrastive on Shakespeare line pairs",
                     lambda seed=0: AutoModel.from_pretrained(folder, dtype=torch.float32), sample,
                     lambda: [encode(held[i * batch:(i + 1) * batch]) for i in range(6)], loss,
-                    lr=2e-5, steps=300, eval_every=50)
+                    lr=2e-5, steps=300, eval_every=50, batch=batch, seq=32)
 
 
 WORKLOADS = {"shakespeare": shakespeare_workload, "smollm2": smollm2_workload, "minilm": minilm_workload}
@@ -201,6 +207,7 @@ class Method:
     needs: tuple[str, ...] = ()
     note: str = ""
     lr_scale: float = 1.0  # the method trains at the workload's lr × this
+    takes_workload: bool = False  # setup(model, workload) instead of setup(model)
 
 
 def adamw(model, lr):
@@ -278,6 +285,13 @@ def memwrap_at(fraction, refresh_every: int = 100, seed: int = 0, optimizer: str
     return setup
 
 
+def memwrap_plan(model, work):
+    """What a user gets from the one line: wrap(model, budget_gb=...) plans rank, granularity, checkpointing and
+    the chunked loss for the workload's batch, and memwrap.optimizer builds the optimizer the plan names."""
+    memwrap.wrap(model, budget_gb=work.plan_budget_gb, batch_size=work.batch, seq_len=work.seq)
+    return model
+
+
 def layer_index(name: str) -> int:
     """The transformer block a layer belongs to ("model.layers.3.mlp.up_proj" -> 3; 0 when none)."""
     parts = name.split(".")
@@ -297,6 +311,8 @@ METHODS = {m.name: m for m in [
     Method("lora", adamw, setup=lora, needs=("peft",), note="LoRA r32 on every linear (the rest frozen)"),
     Method("adalomo", adalomo, step=adalomo_step, needs=("lomo_optim",), note="AdaLomo, fused backward"),
     Method("adamw-8bit", adamw_8bit, needs=("bitsandbytes",), note="bitsandbytes AdamW8bit"),
+    Method("memwrap-plan", memwrap_opt, setup=memwrap_plan, takes_workload=True,
+           note="wrap(model, budget_gb=the workload's budget): the planner's choice"),
     Method("memwrap-1/4", memwrap_opt, setup=memwrap_at(1 / 4), note="c·r = m/4, memwrap.optimizer, τ100"),
     Method("memwrap-1/8", memwrap_opt, setup=memwrap_at(1 / 8), note="c·r = m/8, memwrap.optimizer, τ100"),
     Method("memwrap-1/32", memwrap_opt, setup=memwrap_at(1 / 32), note="c·r = m/32, memwrap.optimizer, τ100"),
@@ -333,8 +349,10 @@ def write_quality(runs: list[Run], steps: int, command: str) -> str:
     return path
 
 
-def unavailable(method: Method, device: str) -> str | None:
+def unavailable(method: Method, device: str, work: Workload | None = None) -> str | None:
     """Why a method cannot run here (None when it can)."""
+    if method.takes_workload and work is not None and work.plan_budget_gb is None:
+        return f"workload {work.name} sets no budget for the planner (Workload.plan_budget_gb)"
     for module in method.needs:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (pip install '.[compare]')"
@@ -406,7 +424,8 @@ def evaluate(run: Run, work: Workload, held) -> float:
 
 def build(method: Method, work: Workload, lr: float, device: str, seed: int = 0) -> Run:
     torch.manual_seed(seed)
-    model = method.setup(work.build(seed).to(device))
+    model = work.build(seed).to(device)
+    model = method.setup(model, work) if method.takes_workload else method.setup(model)
     model.train()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return Run(method, model, method.optimizer(model, lr), weights=weights)
@@ -577,7 +596,7 @@ def main() -> None:
     for name in ([] if args.sweep_refresh or args.quality_curve else args.methods.split(",")):
         if name not in METHODS:
             raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-        why = unavailable(METHODS[name], args.device)
+        why = unavailable(METHODS[name], args.device, work)
         if why:
             print(f"skipped {name}: {why}")
         else:
