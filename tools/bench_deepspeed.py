@@ -11,6 +11,7 @@ prediction for the same parts (memwrap.planning.estimate.zero_bytes). The table 
 """
 
 import argparse
+import glob
 import json
 import os
 import resource
@@ -97,7 +98,11 @@ def launch(args, stage: int, method: str, out: str) -> dict:
            "--hidden", str(args.hidden), "--layers", str(args.layers), "--steps", str(args.steps),
            "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq)] + (["--offload"] if args.offload
                                                                                        else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:  # DeepSpeed's CPU all-reduce never unlinks its shared-memory buffers (69 MB per rank)
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"):
+            os.remove(path)
     if proc.returncode != 0:
         raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
     ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(args.world)]

@@ -57,6 +57,7 @@ class Variant:
     adamw_lr: float | None = None  # set: this entry is plain AdamW at that lr (a reference)
     warmup: tuple[float, int] | None = None  # (fraction, steps): train at that coarser compression first, then rewrap
     tau_schedule: tuple[int, ...] = ()  # steps at which P is redrawn (a growing τ), instead of every `tau`
+    schedule: str = "constant"  # the lr over the run: "constant" or "cosine" (to 10% of the peak at the last step)
     note: str = ""
 
 
@@ -111,6 +112,13 @@ VARIANTS = {v.name: v for v in [
     Variant("1/16-warm-1/4", fraction=1 / 16, warmup=(1 / 4, 100), note="1/4 for 100 steps, then 1/16"),
     # the final round: AdamW's best lr moves to 5e-4 by step 2000, so memwrap gets it too
     *[Variant(f"{k}-lr5e-4", fraction=1 / int(k[2:]), lr=5e-4, note="lr 5e-4") for k in ("1/8", "1/16", "1/32")],
+    # the lr decayed by a cosine for every method, AdamW's lr tuned again under it (the reference of these rows)
+    *[Variant(f"cos-adamw-lr{lr:g}", adamw_lr=lr, schedule="cosine", note=f"AdamW lr {lr:g}, cosine")
+      for lr in (1e-3, 2e-3, 4e-3)],
+    *[Variant(f"cos-{k}", fraction=1 / int(k[2:]), schedule="cosine", note="cosine from lr 1e-3")
+      for k in ("1/8", "1/16", "1/32")],
+    *[Variant(f"cos-{k}-lr2e-3", fraction=1 / int(k[2:]), lr=2e-3, schedule="cosine", note="cosine from lr 2e-3")
+      for k in ("1/8", "1/16", "1/32")],
 ]}
 SECOND = ("1/16-lr×0.7", "1/16-τ200", "1/16-r4", "1/16-r2", "1/32-r2")
 THIRD = ("1/8-τ-grow", "1/8-warm-1/4", "1/16-warm-1/4")
@@ -121,7 +129,17 @@ STAGES = {
     "final": dict(steps=2000, seeds=(0, 1, 2),
                   variants=("adamw-lr0.0005", "adamw-lr0.001", "adamw-lr0.002", "1/8", "1/16", "1/32", "pf-1/8",
                             "1/8-lr5e-4", "1/16-lr5e-4", "1/32-lr5e-4")),
+    "cosine": dict(steps=2000, seeds=(0,),
+                   variants=("cos-adamw-lr0.001", "cos-adamw-lr0.002", "cos-1/8", "cos-1/16", "cos-1/32")),
 }
+
+
+def cosine_lr(run: compare.Run, step: int, steps: int) -> None:
+    """After step `step`: every param group's lr for the next step, on a cosine from its initial lr to 10% of it."""
+    scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    for group in run.opt.param_groups:
+        group.setdefault("peak_lr", group["lr"])
+        group["lr"] = group["peak_lr"] * scale
 
 
 def method(v: Variant, seed: int) -> compare.Method:
@@ -194,6 +212,8 @@ def train(names: list[str], steps: int, seed: int) -> dict:
             grow_tau(run, v.tau_schedule)
         if v.warmup and step == v.warmup[1]:
             rewrap(run, v, seed)
+        if v.schedule == "cosine":
+            cosine_lr(run, step, steps)
     runs = compare.train_all([method(v, seed) for v in variants], work, steps=steps, lr=LR, device="cpu",
                              seed=seed, after_step=after, log_every=100)
     return {r.method.name: {"heldout": {str(k): round(v, 5) for k, v in r.heldout.items()},
@@ -224,22 +244,29 @@ def results_at(runs: dict, horizon: int) -> dict[str, dict[int, tuple[float, int
     """{variant: {seed: (held-out loss at `horizon`, grad+state bytes)}}, the longest run that reached it."""
     out: dict = {}
     for key, result in sorted(runs.items(), key=lambda kv: int(kv[0].rsplit("|", 1)[1])):
-        name, seed, _ = key.split("|")
+        name, seed, steps = key.split("|")
+        if name in VARIANTS and VARIANTS[name].schedule != "constant" and int(steps) != horizon:
+            continue  # a decaying lr: step 600 of a 2000-step run is not the end of a 600-step run
         if str(horizon) in result["heldout"]:
             out.setdefault(name, {})[int(seed[4:])] = (result["heldout"][str(horizon)], result["grad_state_bytes"])
     return out
 
 
-def report(horizon: int, runs: dict) -> tuple[str, dict]:
-    """The table at one horizon: each variant's ratio to the tuned AdamW (mean ± half-spread over common seeds)."""
-    res = results_at(runs, horizon)
-    refs = {n: r for n, r in res.items() if n.startswith("adamw-lr")}
+def schedule_of(name: str) -> str:
+    return VARIANTS[name].schedule if name in VARIANTS else "constant"
+
+
+def report(horizon: int, runs: dict, schedule: str = "constant") -> tuple[str, dict]:
+    """The table at one horizon: each variant's ratio to the tuned AdamW (mean ± half-spread over common seeds), the
+    variants and AdamW runs of one lr schedule."""
+    res = {n: r for n, r in results_at(runs, horizon).items() if schedule_of(n) == schedule}
+    refs = {n: r for n, r in res.items() if n in VARIANTS and VARIANTS[n].adamw_lr is not None}
     if not refs:
         return f"(no AdamW run reached step {horizon})", {}
     seeds = set.intersection(*(set(r) for r in refs.values()))
     best = min(refs, key=lambda n: sum(refs[n][s][0] for s in seeds) / len(seeds))
     ref, ref_bytes = refs[best], refs[best][min(seeds)][1]
-    lines = [f"step {horizon}: reference {best} (AdamW lr swept over {', '.join(sorted(refs))}), "
+    lines = [f"step {horizon}, {schedule} lr: reference {best} (AdamW lr swept over {', '.join(sorted(refs))}), "
              f"held-out loss {sum(ref[s][0] for s in seeds) / len(seeds):.4f} over seeds {sorted(seeds)}",
              f"{'variant':<16}{'ratio':>8}{'±':>7}{'seeds':>6}{'grad+state':>11}  note", "-" * 80]
     table = {}
@@ -346,6 +373,9 @@ def main() -> None:
     for horizon in (int(h) for h in args.horizons.split(",")):
         text, tables[horizon] = report(horizon, runs)
         print("\n" + text)
+        text, cosine = report(horizon, runs, "cosine")
+        if cosine:
+            print("\n" + text)
     path = plot({h: t for h, t in tables.items() if t}, os.path.join(ROOT, "docs", "results", "quality.png"))
     if path:
         print("saved", os.path.relpath(path, ROOT))
