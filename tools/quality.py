@@ -112,9 +112,12 @@ VARIANTS = {v.name: v for v in [
     Variant("1/16-warm-1/4", fraction=1 / 16, warmup=(1 / 4, 100), note="1/4 for 100 steps, then 1/16"),
     # the final round: AdamW's best lr moves to 5e-4 by step 2000, so memwrap gets it too
     *[Variant(f"{k}-lr5e-4", fraction=1 / int(k[2:]), lr=5e-4, note="lr 5e-4") for k in ("1/8", "1/16", "1/32")],
+    # issue 17's refresh sweep at the coarsest level: 1/4 × τ 25 / 100 / 200 / 500
+    *[Variant(f"1/4-τ{t}" if t != 100 else "1/4", fraction=1 / 4, tau=t, note=f"refresh every {t}")
+      for t in (25, 100, 200, 500)],
     # the lr decayed by a cosine for every method, AdamW's lr tuned again under it (the reference of these rows)
     *[Variant(f"cos-adamw-lr{lr:g}", adamw_lr=lr, schedule="cosine", note=f"AdamW lr {lr:g}, cosine")
-      for lr in (1e-3, 2e-3, 4e-3)],
+      for lr in (5e-4, 1e-3, 2e-3)],
     *[Variant(f"cos-{k}", fraction=1 / int(k[2:]), schedule="cosine", note="cosine from lr 1e-3")
       for k in ("1/8", "1/16", "1/32")],
     *[Variant(f"cos-{k}-lr2e-3", fraction=1 / int(k[2:]), lr=2e-3, schedule="cosine", note="cosine from lr 2e-3")
@@ -129,8 +132,10 @@ STAGES = {
     "final": dict(steps=2000, seeds=(0, 1, 2),
                   variants=("adamw-lr0.0005", "adamw-lr0.001", "adamw-lr0.002", "1/8", "1/16", "1/32", "pf-1/8",
                             "1/8-lr5e-4", "1/16-lr5e-4", "1/32-lr5e-4")),
+    "tau-1/4": dict(steps=600, seeds=(0,), variants=("1/4-τ25", "1/4", "1/4-τ200", "1/4-τ500")),
     "cosine": dict(steps=2000, seeds=(0,),
-                   variants=("cos-adamw-lr0.001", "cos-adamw-lr0.002", "cos-1/8", "cos-1/16", "cos-1/32")),
+                   variants=("cos-adamw-lr0.0005", "cos-adamw-lr0.001", "cos-adamw-lr0.002", "cos-1/8", "cos-1/16",
+                             "cos-1/32")),
 }
 
 
