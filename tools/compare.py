@@ -8,8 +8,9 @@
 
 Methods (each one small entry of METHODS): AdamW, AdamW + gradient checkpointing, GaLore (galore-torch), APOLLO and
 APOLLO-Mini (apollo-torch), LoRA (peft), AdaLomo (lomo-optim), 8-bit AdamW (bitsandbytes, where it runs), and memwrap
-at 1/4, 1/8 and 1/32 compression (c·r/m) with memwrap.optimizer. A method whose package is missing (or does not run
-on this machine) is skipped with the reason printed.
+at 1/4, 1/8 and 1/32 compression (c·r/m) with memwrap.optimizer, and memwrap-plan: the one line,
+wrap(model, budget_gb=...), at a budget the workload sets where plain AdamW does not fit. A method whose package is
+missing (or does not run on this machine, or whose workload sets no budget) is skipped with the reason printed.
 
 Every run starts from the same weights and sees the same batches in the same order; all runs are stepped in lockstep
 (step i of every method, then step i + 1), so the step-time ratio to AdamW shares the machine's load. Columns:
@@ -173,7 +174,7 @@ def minilm_workload(batch: int = 16) -> Workload:
     return Workload("minilm", "MiniLM-L6 sentence encoder, contrastive on Shakespeare line pairs",
                     lambda seed=0: AutoModel.from_pretrained(folder, dtype=torch.float32), sample,
                     lambda: [encode(held[i * batch:(i + 1) * batch]) for i in range(6)], loss,
-                    lr=2e-5, steps=300, eval_every=50, batch=batch, seq=32)
+                    lr=2e-5, steps=100, eval_every=25, batch=batch, seq=32)
 
 
 WORKLOADS = {"shakespeare": shakespeare_workload, "smollm2": smollm2_workload, "minilm": minilm_workload}
