@@ -239,6 +239,42 @@ def test_a_smaller_batch_than_planned_is_compared_at_its_own_tokens():
     assert memwrap.compress.inject.require_wrapped(model).monitor.tokens == 128
 
 
+def test_the_monitor_does_not_bypass_the_users_saved_tensor_hooks():
+    """The first training forward of a budget-planned model is measured by memwrap's monitor with saved-tensor hooks.
+    Only the innermost hooks run, so a monitor that kept tensors to itself would silently switch off a user's
+    `save_on_cpu` (or meter) for that step: the user's hooks must see, and pack, the same tensors on the first
+    forward as on the second, and backward must give the same gradients."""
+    from memwrap.planning.measure import SavedTensorMeter
+
+    model = tiny_llama(hidden=128, layers=2, vocab=512, intermediate=256)
+    memwrap.wrap(model, budget_gb=0.05, batch_size=4, seq_len=64)
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    seen, grads = [], []
+    for _ in range(2):  # the first forward is the monitored one
+        packed = {"n": 0}
+
+        def pack(t, packed=packed):
+            packed["n"] += 1
+            return ("user", t)
+
+        def unpack(x):
+            assert x[0] == "user"
+            return x[1]
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            inner = SavedTensorMeter(model).__enter__()  # a second meter inside the user's hooks, like the monitor
+            loss = model(input_ids=ids, labels=ids).loss
+            inner.__exit__(None, None, None)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        model.zero_grad()
+        seen.append((packed["n"], inner.bytes))
+    state = memwrap.compress.inject.require_wrapped(model)
+    assert state.monitor.measured["saved activations"] == seen[0][1] > 0  # the monitor measured, and both meters
+    assert seen[0][1] == seen[1][1]  # (nested in each other on the first forward) counted the same bytes
+    assert seen[0][0] == seen[1][0] > 0  # the user's pack ran on every saved tensor of the monitored forward too
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_replaced_forwards_keep_the_signature_callers_inspect():
     """The Trainer keeps dataset columns by the parameters of model.forward: the replacements show the original's."""
     import inspect

@@ -14,7 +14,6 @@ import argparse
 import glob
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,9 @@ def model_config(args):
 
 
 def rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from memwrap.planning.rss_probe import hwm
+
+    return hwm()  # this process image's peak RSS (ru_maxrss would carry the launcher's over exec)
 
 
 def worker(args) -> None:

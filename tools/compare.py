@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ import torch
 
 import memwrap
 from memwrap.planning.measure import SavedTensorMeter
+from memwrap.planning.rss_probe import hwm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -450,7 +450,7 @@ def train_all(methods: list[Method], work: Workload, *, steps: int, lr: float, d
     for run in runs:
         with SavedTensorMeter(run.model) as meter:
             loss = work.loss(run.model, data[0])
-        run.activations = meter.bytes
+        run.activations = meter.bytes or monitored_activations(run.model)
         del loss
         run.heldout[0] = evaluate(run, work, held)
     for step in range(1, steps + 1):
@@ -477,6 +477,16 @@ def train_all(methods: list[Method], work: Workload, *, steps: int, lr: float, d
     return runs
 
 
+def monitored_activations(model) -> int:
+    """A model wrapped from a budget measures its first training forward itself (memwrap.report); its saved-tensor
+    hooks are the innermost then, so the meter around that forward sees nothing: take the monitor's count."""
+    from memwrap.compress import inject
+
+    state = getattr(model, inject.STATE_ATTR, None)
+    monitor = getattr(state, "monitor", None)
+    return monitor.measured.get("saved activations", 0) if monitor is not None else 0
+
+
 def peak_alone(name: str, work_name: str, lr: float, device: str, steps: int = 4) -> int:
     """Peak memory of `steps` steps of one method alone, in a fresh process."""
     cmd = [sys.executable, os.path.abspath(__file__), "--peak-of", name, "--workload", work_name, "--lr", str(lr),
@@ -492,12 +502,12 @@ def peak_worker(name: str, work: Workload, lr: float, device: str, steps: int) -
     cuda = device.startswith("cuda")
     for module in METHODS[name].needs:  # the method's own imports are not its training memory
         importlib.import_module(module)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = hwm()  # not ru_maxrss: Linux carries the parent's over exec, and the parent holds every method's model
     run = build(METHODS[name], work, lr, device)
     for batch in work.batches(steps, 0):
         loss = work.loss(run.model, to_device(batch, device))
         run.method.step(run.model, run.opt, loss)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = torch.cuda.max_memory_allocated() if cuda else hwm() - base
     print(json.dumps({"peak": peak}))
 
 

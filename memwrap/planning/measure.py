@@ -16,6 +16,10 @@ class SavedTensorMeter:
 
     Parameters and buffers saved by reference are excluded: they exist anyway. Tensors that share a storage
     (views, or one x̃ saved by several sibling layers) are counted once, as the allocator holds them once.
+
+    Saved-tensor hooks nest, and only the innermost pair runs. So the meter counts, then hands each tensor on to the
+    pair that was innermost when it was entered (a user's `save_on_cpu`, another meter): inside it, the outer hooks
+    still do what they did, and an outer meter still counts.
     """
 
     def __init__(self, model: nn.Module | None = None):
@@ -25,6 +29,7 @@ class SavedTensorMeter:
                              if t.device.type != "meta"}
         self._storages: dict[int, int] = {}
         self._ctx = None
+        self._outer = None
 
     def _pack(self, t: torch.Tensor):
         if t.device.type != "meta":
@@ -32,10 +37,15 @@ class SavedTensorMeter:
             ptr = st.data_ptr()
             if ptr not in self._exclude and ptr != 0:
                 self._storages[ptr] = max(self._storages.get(ptr, 0), st.nbytes())
-        return t
+        return self._outer[0](t) if self._outer is not None else t
+
+    def _unpack(self, packed):
+        return self._outer[1](packed) if self._outer is not None else packed
 
     def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # (pack, unpack) or None
+        self._outer = top(False) if top is not None else None
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._ctx.__enter__()
         return self
 
