@@ -3,7 +3,7 @@
     pip install ".[compare]"
     python tools/compare.py                                  # workload 1 (tiny Llama from scratch, Shakespeare)
     python tools/compare.py --workload minilm                # workload 3 (MiniLM sentence encoder, contrastive)
-    python tools/compare.py --workload smollm2 --steps 60    # workload 2 (SmolLM2-135M fine-tune; slow on a CPU)
+    python tools/compare.py --workload smollm2               # workload 2 (SmolLM2-135M fine-tune; ~40 min)
     python tools/compare.py --methods adamw,galore,memwrap-1/8 --steps 100 --device cuda
 
 Methods (each one small entry of METHODS): AdamW, AdamW + gradient checkpointing, GaLore (galore-torch), APOLLO and
@@ -57,6 +57,8 @@ class Workload:
     batch: int = 0  # examples and tokens per example of a training batch (what memwrap's planner plans for)
     seq: int = 0
     plan_budget_gb: float | None = None  # the budget method memwrap-plan hands to wrap(budget_gb=...)
+    methods: tuple[str, ...] = ()  # the default --methods (empty: every method), so a default run stays well under
+    # an hour on 2 CPU cores
 
 
 def lm_loss(model, ids):
@@ -128,7 +130,10 @@ def smollm2_workload(batch: int = 4, seq: int = 128) -> Workload:
     return Workload("smollm2", "SmolLM2-135M fine-tune, Shakespeare (held-out tail)",
                     lambda seed=0: smollm2_model(),
                     lambda steps, seed: windows(train, steps, seed), lambda: windows(held, 6, 1234), lm_loss,
-                    lr=1e-4, steps=60, eval_every=20, batch=batch, seq=seq,
+                    lr=1e-4, steps=40, eval_every=20, batch=batch, seq=seq,
+                    # about 8 s per step per method on 2 CPU cores: 5 methods × 40 steps, evaluations and peaks take
+                    # about 40 minutes (the README's table: --steps 60 and apollo too)
+                    methods=("adamw", "lora", "galore", "memwrap-plan", "memwrap-1/8"),
                     # 44% of plain AdamW's fp32 peak (2.71 GB): neither AdamW nor AdamW + checkpointing fits
                     plan_budget_gb=1.2)
 
@@ -174,7 +179,8 @@ def minilm_workload(batch: int = 16) -> Workload:
     return Workload("minilm", "MiniLM-L6 sentence encoder, contrastive on Shakespeare line pairs",
                     lambda seed=0: AutoModel.from_pretrained(folder, dtype=torch.float32), sample,
                     lambda: [encode(held[i * batch:(i + 1) * batch]) for i in range(6)], loss,
-                    lr=2e-5, steps=100, eval_every=25, batch=batch, seq=32)
+                    lr=2e-5, steps=100, eval_every=25, batch=batch, seq=32,
+                    methods=("adamw", "galore", "apollo", "lora", "memwrap-1/8", "memwrap-1/32"))
 
 
 WORKLOADS = {"shakespeare": shakespeare_workload, "smollm2": smollm2_workload, "minilm": minilm_workload}
@@ -582,7 +588,8 @@ def plots(runs: list[Run], work: Workload, steps: int, out: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="shakespeare")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    ap.add_argument("--methods", default=None, help="comma-separated (default: the workload's list), from: "
+                    + ", ".join(METHODS))
     ap.add_argument("--steps", type=int, default=None, help="default: the workload's")
     ap.add_argument("--lr", type=float, default=None, help="default: the workload's")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -604,7 +611,8 @@ def main() -> None:
         peak_worker(args.peak_of, work, lr, args.device, steps)
         return
     methods = []
-    for name in ([] if args.sweep_refresh or args.quality_curve else args.methods.split(",")):
+    chosen = args.methods.split(",") if args.methods else list(work.methods or METHODS)
+    for name in ([] if args.sweep_refresh or args.quality_curve else chosen):
         if name not in METHODS:
             raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
         why = unavailable(METHODS[name], args.device, work)
