@@ -484,8 +484,9 @@ def train_all(methods: list[Method], work: Workload, *, steps: int, lr: float, d
 
 
 def monitored_activations(model) -> int:
-    """A model wrapped from a budget measures its first training forward itself (memwrap.report); its saved-tensor
-    hooks are the innermost then, so the meter around that forward sees nothing: take the monitor's count."""
+    """A model wrapped from a budget measures its first training forward itself (memwrap.report). The monitor's meter
+    now hands every tensor on to the meter around it, so this is only the fallback for a memwrap whose monitor kept
+    them (the SmolLM2 table was made with one): then the monitor's own count is the number."""
     from memwrap.compress import inject
 
     state = getattr(model, inject.STATE_ATTR, None)
