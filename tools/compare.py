@@ -456,7 +456,7 @@ def train_all(methods: list[Method], work: Workload, *, steps: int, lr: float, d
     for run in runs:
         with SavedTensorMeter(run.model) as meter:
             loss = work.loss(run.model, data[0])
-        run.activations = meter.bytes or monitored_activations(run.model)
+        run.activations = meter.bytes
         del loss
         run.heldout[0] = evaluate(run, work, held)
     for step in range(1, steps + 1):
@@ -481,17 +481,6 @@ def train_all(methods: list[Method], work: Workload, *, steps: int, lr: float, d
         if log_every and (step % log_every == 0 or step == steps):
             print(f"step {step:4d}  " + "  ".join(f"{r.method.name} {r.losses[-1]:.3f}" for r in runs), flush=True)
     return runs
-
-
-def monitored_activations(model) -> int:
-    """A model wrapped from a budget measures its first training forward itself (memwrap.report). The monitor's meter
-    now hands every tensor on to the meter around it, so this is only the fallback for a memwrap whose monitor kept
-    them (the SmolLM2 table was made with one): then the monitor's own count is the number."""
-    from memwrap.compress import inject
-
-    state = getattr(model, inject.STATE_ATTR, None)
-    monitor = getattr(state, "monitor", None)
-    return monitor.measured.get("saved activations", 0) if monitor is not None else 0
 
 
 def peak_alone(name: str, work_name: str, lr: float, device: str, steps: int = 4) -> int:
