@@ -149,11 +149,16 @@ def test_plan_written_by_0_1_0_loads_and_round_trips():
 
 
 @pytest.mark.parametrize("opt_kind", ["adamw", "memwrap"])
-def test_checkpoint_written_by_0_1_0_resumes_bit_exactly(opt_kind):
-    """Resume from the 0.1.0 checkpoint (step 6 of 12) = an uninterrupted run with this code, bit for bit, and
-    = the losses 0.1.0 itself recorded (to 1e-5: those were recorded on the torch of that day)."""
+def test_checkpoint_written_by_0_1_0_resumes_bit_exactly(opt_kind, tmp_path):
+    """The 0.1.0 checkpoint (step 6 of 12) loads and resumes. Bit-exactness is a property of one process and one
+    torch: resumed from it for 6 steps = resumed for 3, saved by this release, loaded into a fresh model and resumed
+    for 3 more, bit for bit. Against the losses 0.1.0 recorded (on torch 2.13 CPU) only within a tolerance: another
+    torch's kernels may round float32 differently (0.1.0's full run differed by 1e-7 relative on torch 2.14); 1e-4
+    leaves room for that rounding carried through 6 steps, and is far below what a wrong state moves these losses
+    (resumed without the optimizer state: 6-7% relative, measured)."""
     with open(os.path.join(DATA, "losses.json")) as f:
         recorded = json.load(f)[opt_kind]
+    source = os.path.join(DATA, f"checkpoint-{opt_kind}")
 
     def batch(step):
         return token_batch(seed=100 + step % 3)
@@ -165,13 +170,16 @@ def test_checkpoint_written_by_0_1_0_resumes_bit_exactly(opt_kind):
             return memwrap.optimizer(model, lr=3e-3, weight_decay=0.1, kind="projfactor")
         return torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
 
-    model = tiny_llama(seed=0)
-    full = resume_worker.train(model, build(model), range(12), batch)
-    fresh = tiny_llama(seed=7)
-    memwrap.load(fresh, os.path.join(DATA, f"checkpoint-{opt_kind}"))
-    opt = build(fresh)
-    memwrap.load_optimizer(opt, os.path.join(DATA, f"checkpoint-{opt_kind}"))
-    resumed = resume_worker.train(fresh, opt, range(6, 12), batch)
-    assert resumed == full[6:]
-    assert torch.allclose(torch.tensor(full), torch.tensor(recorded["losses_0_6"] + recorded["losses_6_12"]),
-                          rtol=1e-5, atol=0)
+    def resumed_from(path, steps, seed):
+        model = tiny_llama(seed=seed)
+        memwrap.load(model, path)
+        opt = build(model)
+        memwrap.load_optimizer(opt, path)
+        return model, opt, resume_worker.train(model, opt, steps, batch)
+
+    _, _, straight = resumed_from(source, range(6, 12), seed=7)
+    model, opt, first = resumed_from(source, range(6, 9), seed=8)
+    memwrap.save(model, tmp_path / "step9", optimizer=opt)
+    _, _, second = resumed_from(tmp_path / "step9", range(9, 12), seed=9)
+    assert first + second == straight
+    assert torch.allclose(torch.tensor(straight), torch.tensor(recorded["losses_6_12"]), rtol=1e-4, atol=0)

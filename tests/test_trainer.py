@@ -12,6 +12,10 @@ from memwrap.trainer import MemwrapCallback
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
+# transformers >= 5.23 calls it activation_checkpointing (gradient_checkpointing still works there, with a warning)
+CHECKPOINTING = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") \
+    else "gradient_checkpointing"
+
 
 class TokenDataset(torch.utils.data.Dataset):
     def __init__(self, n=32, seq=32, vocab=256):
@@ -78,9 +82,9 @@ def test_gradient_accumulation_equals_one_big_batch_under_trainer(tmp_path):
 
 
 def test_gradient_checkpointing_under_trainer_equals_plain_backward(tmp_path):
-    """activation_checkpointing=True recomputes the forward (and x̃, under the same P) in backward: same losses."""
+    """Trainer's activation checkpointing recomputes the forward (and x̃, under the same P) in backward: same losses."""
     _, _, plain = train(tmp_path / "plain", steps=4)
-    _, _, ckpt = train(tmp_path / "ckpt", steps=4, activation_checkpointing=True)
+    _, _, ckpt = train(tmp_path / "ckpt", steps=4, **{CHECKPOINTING: True})
     assert ckpt == plain
 
 

@@ -18,6 +18,7 @@ the very same output as the module's own forward on a random input; a module tha
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import InvalidSettingsError
 from .attention import FORMATS, RouteSDPA
 from .elementwise import ActFn, act_kind, gated_act, norm_mode, probe, rms_norm
+from .kernel_scope import KernelScope, install_nested, unrouted_forward
+from .kernel_scope import restore as restore_scoped
 
 SAVINGS_ATTR = "_memwrap_saving"  # on a module whose forward memwrap replaced: the kind ("norm", "act", ...)
 FORMULA_ATTR = "_memwrap_formula"  # on fused experts: the act(gate)·up formula their forward uses (or None)
@@ -41,7 +44,8 @@ def recompute(fn, *args, **kwargs):
 
 
 def _own_forward(module: nn.Module):
-    return type(module).forward.__get__(module)
+    """The class's forward bound to this instance (a partial: older dynamo cannot trace `function.__get__`)."""
+    return functools.partial(type(module).forward, module)
 
 
 class SavingForward:
@@ -51,6 +55,8 @@ class SavingForward:
 
     def __init__(self, module: nn.Module, kind: str, formula: str | None = None):
         self.module, self.kind, self.formula = module, kind, formula
+        if kind == "whole":  # kernels' routing of the region's modules, written outside the recomputed region
+            self.scope, self.inner = KernelScope(list(module.modules())), unrouted_forward(module)
 
     @property
     def __signature__(self) -> inspect.Signature:  # callers that inspect forward see the module's own parameters
@@ -60,6 +66,9 @@ class SavingForward:
         m, formula = self.module, self.__dict__.get("formula")
         if self.kind == "whole":  # the module's own forward, recomputed in backward
             args, kwargs = _without_cache(args, kwargs)
+            scope = self.__dict__.get("scope")
+            if scope:  # see kernel_scope: the recomputed body finds its routing active and writes nothing
+                return scope.run(recompute, functools.partial(scope.run, self.inner, m), *args, **kwargs)
             return recompute(_own_forward(m), *args, **kwargs)
         if self.kind in FORMATS:  # attention whose SDPA keeps 8-bit q, k, v
             with RouteSDPA(self.kind):
@@ -276,6 +285,8 @@ def install(model: nn.Module, savings: list[Saving]) -> list[Saving]:
             continue
         module.forward = forward
         object.__setattr__(module, SAVINGS_ATTR, s.part)
+        if s.kind == "whole":
+            install_nested(module)
         done.append(s)
     return done
 
@@ -290,6 +301,7 @@ def restore(model: nn.Module) -> int:
             object.__delattr__(module, SAVINGS_ATTR)
             module.__dict__.pop(FORMULA_ATTR, None)
             count += 1
+    restore_scoped(model)
     return count
 
 

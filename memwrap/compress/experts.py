@@ -34,6 +34,23 @@ def is_fused_experts(module: nn.Module) -> bool:
         and isinstance(getattr(module, "down_proj", None), nn.Parameter)
 
 
+# What the experts attributes mean in each transformers version memwrap supports (the tested range is in
+# memwrap.versions). An attribute a version does not set is read with that version's meaning, not as missing.
+def expert_parallel(module: nn.Module) -> bool:
+    """The experts are sharded over expert-parallel ranks (this rank holds num_experts of them)."""
+    flag = getattr(module, "_is_expert_parallel", None)  # transformers >= 5.18: set where its EP sharding splits experts
+    if flag is not None:
+        return bool(flag)
+    # transformers < 5.18 marks nothing on the module: EP is the model's distributed_config.enable_expert_parallel
+    dist = getattr(getattr(module, "config", None), "distributed_config", None)
+    return bool(getattr(dist, "enable_expert_parallel", False))
+
+
+def post_expert_norm(module: nn.Module) -> bool:
+    """A norm follows each expert's down projection (transformers >= 5.20 `has_post_expert_norm`; none before)."""
+    return bool(getattr(module, "has_post_expert_norm", False))
+
+
 def fused_params(module: nn.Module) -> list[str]:
     return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
 
@@ -172,7 +189,7 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if self._is_expert_parallel:
+    if expert_parallel(self):
         raise UnsupportedArchitectureError(f"{type(self).__name__}: expert parallelism is not supported by memwrap yet; "
                                            "unwrap the model or train without expert parallelism.")
     num_tokens, top_k = hidden_states.shape[0], top_k_index.shape[-1]
@@ -199,7 +216,7 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     out = _project(down, h, h_tilde, offs, cdt)  # (S, H)
     if self.has_bias:
         out = out + self.down_proj_bias[expert_ids_g]
-    if self.has_post_expert_norm:
+    if post_expert_norm(self):
         out = self.post_expert_norm(out)
     out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
     inv = torch.empty_like(perm)

@@ -212,7 +212,7 @@ def _experts_candidates(name: str, module: nn.Module, config: WrapConfig, skippe
     full = [f"{name}.{p}" for p in pnames]
     if config.targets is not None and not any(name_matches(n, config.targets) for n in [name] + full):
         return []
-    if getattr(module, "_is_expert_parallel", False):
+    if experts.expert_parallel(module):
         raise UnsupportedArchitectureError(f"{type(module).__name__} at {name!r} runs with expert parallelism, which "
                                            "memwrap does not support yet; wrap the model before distributing experts.")
     weights = [getattr(module, p) for p in pnames]

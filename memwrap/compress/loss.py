@@ -16,6 +16,7 @@ model's own loss on a random batch); `remove` restores it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -175,7 +176,7 @@ class ChunkedLossForward:
 
     def __call__(self, *args, **kwargs):
         m = self.model
-        own = type(m).forward.__get__(m)
+        own = functools.partial(type(m).forward, m)  # not __get__: older dynamo cannot trace it
         if kwargs.get("labels") is None or not torch.is_grad_enabled() or not self.active:
             return own(*args, **kwargs)
         self.passing.on = True
