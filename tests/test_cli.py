@@ -108,6 +108,12 @@ def test_env_json_names_versions_and_sources():
 
     assert info["torch"] == torch.__version__ and info["transformers"] == transformers.__version__
     assert "nvml" in info and "ram" in info and "budget source" in info
+    # CI runs this suite at the floors and at the newest releases: either way, inside the range memwrap states
+    from memwrap.versions import TESTED
+
+    for package in ("torch", "transformers"):
+        floor, newest = TESTED[package]
+        assert info[f"{package} support"] == f"inside the tested range {floor} .. {newest}", info[f"{package} support"]
 
 
 def test_real_subprocess_plan_json_and_error(config_dir):

@@ -528,6 +528,28 @@ def table(runs: list[Run], work: Workload, steps: int) -> str:
     return "\n".join(lines)
 
 
+def save_runs(runs: list[Run], work: Workload, steps: int, out: str) -> str:
+    """What the plots are drawn from, as JSON beside them (`--replot` draws them again without training)."""
+    path = os.path.join(out, f"{work.name}-runs.json")
+    with open(path, "w") as f:
+        json.dump({"workload": work.name, "steps": steps, "torch": torch.__version__,
+                   "runs": [{"method": r.method.name, "note": r.method.note, "heldout": {str(k): v for k, v in r.heldout.items()},
+                             "weights": r.weights, "grads": r.grads, "states": r.states, "activations": r.activations,
+                             "peak": r.peak} for r in runs]}, f, indent=1)
+    return path
+
+
+def load_runs(work: Workload, out: str) -> tuple[list[Run], int]:
+    with open(os.path.join(out, f"{work.name}-runs.json")) as f:
+        data = json.load(f)
+    runs = []
+    for d in data["runs"]:
+        method = Method(d["method"], optimizer=None, note=d["note"])
+        runs.append(Run(method, None, None, heldout={int(k): v for k, v in d["heldout"].items()}, weights=d["weights"],
+                        grads=d["grads"], states=d["states"], activations=d["activations"], peak=d["peak"]))
+    return runs, data["steps"]
+
+
 def plots(runs: list[Run], work: Workload, steps: int, out: str) -> list[str]:
     try:
         import matplotlib
@@ -592,6 +614,7 @@ def main() -> None:
     ap.add_argument("--sweep-refresh", action="store_true",
                     help="instead of the peers: memwrap at 1/4, 1/8, 1/32 × refresh every 25, 100, 200, 500 steps")
     ap.add_argument("--peaks-only", action="store_true", help="only the fresh-process peak memory of each method")
+    ap.add_argument("--replot", action="store_true", help="draw the plots again from --out's <workload>-runs.json")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = WORKLOADS[args.workload]()
@@ -599,6 +622,11 @@ def main() -> None:
     steps = args.steps or work.steps
     if args.peak_of:
         peak_worker(args.peak_of, work, lr, args.device, steps)
+        return
+    if args.replot:
+        runs, steps = load_runs(work, args.out)
+        for path in plots(runs, work, steps, args.out):
+            print("saved", os.path.relpath(path, ROOT))
         return
     methods = []
     chosen = args.methods.split(",") if args.methods else list(work.methods or METHODS)
@@ -633,6 +661,7 @@ def main() -> None:
     with open(os.path.join(args.out, f"{work.name}.txt"), "w") as f:
         f.write(f"python tools/compare.py --workload {work.name} --steps {steps} --lr {lr:g} --device {args.device}\n\n"
                 + text + "\n")
+    print("saved", os.path.relpath(save_runs(runs, work, steps, args.out), ROOT))
     for path in plots(runs, work, steps, args.out):
         print("saved", os.path.relpath(path, ROOT))
     if args.quality_curve:

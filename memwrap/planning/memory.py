@@ -129,13 +129,17 @@ def environment() -> dict[str, object]:
     import psutil
     import torch
 
+    from ..versions import standing
+
     info: dict[str, object] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                               "torch": torch.__version__, "cuda (torch build)": torch.version.cuda or "none",
+                               "torch": torch.__version__, "torch support": standing("torch", torch.__version__),
+                               "cuda (torch build)": torch.version.cuda or "none",
                                "cuda available": torch.cuda.is_available()}
     try:
         import transformers
 
         info["transformers"] = transformers.__version__
+        info["transformers support"] = standing("transformers", transformers.__version__)
     except ImportError:
         info["transformers"] = "not installed"
     try:
