@@ -31,6 +31,7 @@ from .errors import (
 )
 from .integrations import deepspeed_attach, load, load_optimizer, load_plan, save
 from .planning.planner import plan
+from .planning.simulate import simulate
 
 __version__ = "0.1.0"
 
@@ -38,7 +39,7 @@ __all__ = [
     "wrap", "unwrap", "optimizer", "sync", "get_plan", "Plan", "LayerPlan", "WrapConfig",
     "MemwrapError", "InvalidSettingsError", "NoTargetsError", "AlreadyWrappedError", "NotWrappedError",
     "UnsupportedArchitectureError", "BudgetTooSmallError", "PlanMismatchError",
-    "save", "load", "load_optimizer", "load_plan", "CheckpointError", "plan",
+    "save", "load", "load_optimizer", "load_plan", "CheckpointError", "plan", "simulate",
     "OptimizerBeforeWrapError", "UnmergedUpdateError", "register_first_moment", "report",
     "deepspeed_attach", "skipped_steps", "NonFiniteError", "CheckpointNotFoundError", "CheckpointCorruptError",
     "CheckpointMismatchError", "CheckpointVersionError", "CheckpointWriteError",

@@ -136,19 +136,24 @@ def wrap(
         the_plan = planner.plan_for_model(model, config, budget_gb=budget_gb, batch_size=batch_size, seq_len=seq_len,
                                           dtype_bytes=_activation_dtype_bytes(model, activation_dtype),
                                           zero=zero_setting)
+    return apply(model, the_plan, config)
+
+
+def apply(model: nn.Module, the_plan: Plan, config: WrapConfig, monitor: bool = True) -> Plan:
+    """Apply a checked plan (wrap's last part; memwrap.simulate applies plans to meta models through it)."""
     blocks.check_options(model, the_plan.savings)  # InvalidSettingsError for options the model cannot take, first
     modules = inject.apply_plan(model, the_plan)
     from .compress.merge import units_of
 
     for unit in units_of(model):
-        unit.nonfinite = nonfinite
-    monitor = None
-    if the_plan.memory:  # compare with the measurement after the first step
+        unit.nonfinite = config.nonfinite
+    watcher = None
+    if the_plan.memory and monitor:  # compare with the measurement after the first step
         from .planning.monitor import Monitor
 
-        monitor = Monitor(model, the_plan)
+        watcher = Monitor(model, the_plan)
     object.__setattr__(model, inject.STATE_ATTR, WrapState(plan=the_plan, config=config, modules=modules,
-                                                           monitor=monitor))
+                                                           monitor=watcher))
     return the_plan
 
 

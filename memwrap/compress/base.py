@@ -8,6 +8,7 @@ A compressed weight W (n × m, or E experts of n × m) is frozen; its update arr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import weakref
@@ -27,9 +28,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer computes in: autocast's when autocast is on for x's device, else x's."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point():
+    if dev != "meta" and torch.is_autocast_enabled(dev) and x.is_floating_point():  # (meta: memwrap.simulate)
         return torch.get_autocast_dtype(dev)
     return x.dtype
+
+
+def no_autocast(device: torch.device):
+    """Autocast off on this device (a no-op on the meta device, which has no autocast: memwrap.simulate)."""
+    return contextlib.nullcontext() if device.type == "meta" else torch.autocast(device.type, enabled=False)
 
 
 def coords_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -213,7 +219,8 @@ def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, decay: float, *, st
     w = local(weight)
     with torch.no_grad():
         if w.dtype in STOCHASTIC_ROUNDING and stochastic:
-            g = torch.Generator(device=w.device).manual_seed(projection_seed(seed, name + "#round", step))
+            g = None if w.device.type == "meta" else \
+                torch.Generator(device=w.device).manual_seed(projection_seed(seed, name + "#round", step))  # (meta: simulate)
             exact = w.float() * decay + delta.float()
             w.copy_(STOCHASTIC_ROUNDING[w.dtype](exact, g))
         else:

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from . import merge
-from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype, kept_dtype
+from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype, kept_dtype, no_autocast
 from .blocks import FORMULA_ATTR, SAVINGS_ATTR, recompute
 from .elementwise import gated_act
 
@@ -127,7 +127,7 @@ class _ExpertsLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, coords, x_tilde, offs, transposed, cdt):
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device):
             w = weight.to(cdt)
             y = grouped_mm(x.to(cdt), w if transposed else w.transpose(-1, -2), offs)  # (S, m) @ (E, m, n)
         ctx.save_for_backward(weight, x_tilde, offs)

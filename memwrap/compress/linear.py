@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import merge
-from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype, kept_dtype
+from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype, kept_dtype, no_autocast
 
 
 class _CompressedLinearFn(torch.autograd.Function):
@@ -21,7 +21,7 @@ class _CompressedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, coords, x_tilde, cdt, transposed=False):
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device):
             w = weight.to(cdt)
             y = F.linear(x.to(cdt), w.t() if transposed else w, None if bias is None else bias.to(cdt))
         ctx.save_for_backward(weight, x_tilde)
