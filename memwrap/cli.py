@@ -117,9 +117,12 @@ def format_table(model: str, plan, baselines: dict) -> str:
               help="DeepSpeed ZeRO stage: the budget is one rank's, DeepSpeed's partitioned bytes are counted")
 @click.option("--world-size", type=str, default=None, help="ranks DeepSpeed partitions over (with --zero; default 1)")
 @click.option("--offload-optimizer", is_flag=True, help="ZeRO-Offload: optimizer states in CPU memory (with --zero)")
+@click.option("--simulate", "simulate_steps", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=3,
+              help="also run N training steps of the plan on fake tensors (memwrap.simulate; default 3) and print "
+                   "the peak allocated bytes after each phase")
 def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len: str | None, dtype: str,
              as_json: bool, save_path: str | None, compress_experts: bool | None, zero: str | None,
-             world_size: str | None, offload_optimizer: bool) -> None:
+             world_size: str | None, offload_optimizer: bool, simulate_steps: int | None) -> None:
     """Choose settings for MODEL (a bundled name, a local directory or a hub id) without loading any weights."""
     from .errors import BudgetTooSmallError
     from .planning import planner
@@ -160,10 +163,30 @@ def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len:
             the_plan.save(save_path)
         except OSError as e:
             _fail(f"cannot write {save_path}: {e}")
+    simulated = None
+    if simulate_steps:
+        if spec is not None:
+            _fail("--simulate runs one process's step; it does not model DeepSpeed ZeRO: leave out --zero.")
+        from .planning.simulate import simulate
+
+        try:
+            simulated = simulate(model, the_plan, steps=simulate_steps, dtype=dtype)
+        except MemwrapError as e:
+            _fail(str(e).splitlines()[0])
     if as_json:
-        click.echo(json.dumps(plan_report(model, the_plan, base), indent=2))
+        report = plan_report(model, the_plan, base)
+        if simulated is not None:
+            report["simulated"] = {"steps": simulated.steps, "peak": simulated.peak}
+        click.echo(json.dumps(report, indent=2))
     else:
         click.echo(format_table(model, the_plan, base))
+        if simulated is not None:
+            predicted = dict(the_plan.memory).get("peak", 0)
+            click.echo(f"\nsimulated on fake tensors ({simulate_steps} steps; allocated bytes, as "
+                       "torch.cuda.max_memory_allocated reads them after each phase):")
+            click.echo(simulated.table())
+            if predicted:
+                click.echo(f"predicted peak {predicted / 1e9:.3f} GB; simulated / predicted {simulated.peak / predicted:.3f}")
         if save_path:
             click.echo(f"plan saved to {save_path}; apply it with memwrap.wrap(model, plan={save_path!r})")
 

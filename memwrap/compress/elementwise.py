@@ -16,6 +16,8 @@ input (`norm_mode`, `act_kind`); a module that matches none keeps the checkpoint
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -91,8 +93,13 @@ def norm_eps(module: nn.Module) -> float | None:
 def norm_mode(module: nn.Module) -> str | None:
     """The formula an RMSNorm module follows, by its output on a random input (bit-identical), else None."""
     weight, eps = getattr(module, "weight", None), norm_eps(module)
-    if not isinstance(weight, nn.Parameter) or weight.ndim != 1 or eps is None or weight.device.type == "meta":
+    if not isinstance(weight, nn.Parameter) or weight.ndim != 1 or eps is None:
         return None
+    if weight.device.type == "meta":  # (memwrap.simulate) the same check on a CPU twin with random weights
+        module = copy.deepcopy(module).to_empty(device="cpu")
+        weight = module.weight
+        with torch.no_grad():
+            weight.copy_(probe(weight.shape, weight, seed=2))
     x = probe((5, weight.shape[0]), weight)
     with torch.no_grad():
         try:
@@ -168,8 +175,6 @@ class ActFn(torch.autograd.Function):
 
 def act_kind(act, like: torch.Tensor, *, exact: bool = True) -> str | None:
     """The closed form an activation computes (bit-identical when exact, else to fp32 rounding), or None."""
-    if like.device.type == "meta":
-        return None
     x = probe((64,), like) * 4
     with torch.no_grad():
         try:
@@ -185,6 +190,8 @@ def act_kind(act, like: torch.Tensor, *, exact: bool = True) -> str | None:
 
 
 def probe(shape, like: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A fixed random input of `shape` on `like`'s device and in its dtype (what wrap-time checks compare on)."""
-    g = torch.Generator(device=like.device).manual_seed(seed)
-    return torch.randn(shape, generator=g, device=like.device).to(like.dtype)
+    """A fixed random input of `shape` on `like`'s device and in its dtype (what wrap-time checks compare on); on the
+    CPU for a meta `like` (memwrap.simulate: the checks need values, and parameter-free functions run anywhere)."""
+    device = torch.device("cpu") if like.device.type == "meta" else like.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=device).to(like.dtype)

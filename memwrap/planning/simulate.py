@@ -236,8 +236,11 @@ def simulate(model_or_config, plan=None, *, batch_size: int | None = None, seq_l
 
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise InvalidSettingsError(f"steps={steps!r} must be a positive integer (3 shows the steady state).")
-    model, dtype = _model_from(model_or_config, dtype)
     plain = isinstance(plan, str) and plan == "plain"
+    kind = optimizer or ("adamw" if plain else "memwrap")
+    if kind not in ("adamw", "memwrap"):
+        raise InvalidSettingsError(f"optimizer={optimizer!r}: use 'memwrap' or 'adamw'.")
+    model, dtype = _model_from(model_or_config, dtype)
     if plain:
         the_plan = None
     elif plan is None:
@@ -260,23 +263,40 @@ def simulate(model_or_config, plan=None, *, batch_size: int | None = None, seq_l
     if vocab is None:
         raise InvalidSettingsError(f"{type(model).__name__} has no config.vocab_size: memwrap.simulate runs models that "
                                    "take input_ids and labels (transformers causal or masked LMs).")
-    kind = optimizer or ("adamw" if plain else "memwrap")
-    if kind not in ("adamw", "memwrap"):
-        raise InvalidSettingsError(f"optimizer={optimizer!r}: use 'memwrap' or 'adamw'.")
+
+    def build():
+        if kind == "memwrap" and not plain:
+            return api.optimizer(model)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=False, foreach=False)
+
+    out, resident, live = measure_steps(model, build, batch_size=batch, seq_len=seq, steps=steps)
+    return Simulation(steps=out, resident=resident, plan=the_plan, batch_size=batch, seq_len=seq,
+                      host_reads_per_step=live.host_reads / steps)
+
+
+def measure_steps(model: nn.Module, build_optimizer, *, batch_size: int, seq_len: int, steps: int,
+                  batches=None) -> tuple[list[dict[str, int]], int, LiveBytes]:
+    """Train `model` for `steps` steps under LiveBytes and return (per-step phase peaks, resident bytes, the meter).
+
+    The same loop for a meta model (memwrap.simulate) and a real one (what the tests measure on a CPU): the optimizer
+    is built inside the meter, so what it allocates (or releases) up front is counted; batches(step) gives
+    (input_ids, labels), by default zeros on the model's device."""
+    device = next(model.parameters()).device
     live = LiveBytes()
     live.add(list(model.parameters()) + list(model.buffers()))
-    with live:  # built inside the mode: what the optimizer allocates (or releases) up front is counted
-        if kind == "memwrap" and not plain:
-            opt = api.optimizer(model)
-        else:
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=False, foreach=False)
+    with live:
+        opt = build_optimizer()
     resident = live.sweep()
     out: list[dict[str, int]] = []
+    model.train()
     with live:
-        for _ in range(steps):
+        for step in range(steps):
             live.reset_peak()
-            ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-            labels = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+            if batches is None:
+                ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+                labels = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device)
+            else:
+                ids, labels = batches(step)
             phases = {}
             loss = model(input_ids=ids, labels=labels).loss
             phases["forward"] = live.peak
@@ -288,5 +308,4 @@ def simulate(model_or_config, plan=None, *, batch_size: int | None = None, seq_l
             phases["optimizer"] = live.peak
             del ids, labels
             out.append(phases)
-    return Simulation(steps=out, resident=resident, plan=the_plan, batch_size=batch, seq_len=seq,
-                      host_reads_per_step=live.host_reads / steps)
+    return out, resident, live
