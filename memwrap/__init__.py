@@ -8,7 +8,7 @@
 Importing memwrap changes nothing outside this package.
 """
 
-from .api import get_plan, optimizer, register_first_moment, report, skipped_steps, sync, unwrap, wrap
+from .api import get_plan, optimizer, register_first_moment, report, simulate, skipped_steps, sync, unwrap, wrap
 from .config import LayerPlan, Plan, WrapConfig
 from .errors import (
     AlreadyWrappedError,
@@ -31,7 +31,6 @@ from .errors import (
 )
 from .integrations import deepspeed_attach, load, load_optimizer, load_plan, save
 from .planning.planner import plan
-from .planning.simulate import simulate
 
 __version__ = "0.1.0"
 

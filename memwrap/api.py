@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .compress import blocks, inject
+from .compress import inject
+from .compress.inject import WrapState  # noqa: F401  (memwrap.api.WrapState, as before)
 from .config import Plan, WrapConfig, as_layer_indices
 from .errors import InvalidSettingsError
-
-
-@dataclass
-class WrapState:
-    """Kept on the wrapped model instance (as `model._memwrap_state`); removed by unwrap."""
-
-    plan: Plan
-    config: WrapConfig
-    modules: list = field(default_factory=list)
-    monitor: object = None  # planning.monitor.Monitor when the plan predicts memory
 
 
 def _as_tuple(value, what: str):
@@ -139,21 +129,13 @@ def wrap(
     return apply(model, the_plan, config)
 
 
-def apply(model: nn.Module, the_plan: Plan, config: WrapConfig, monitor: bool = True) -> Plan:
-    """Apply a checked plan (wrap's last part; memwrap.simulate applies plans to meta models through it)."""
-    blocks.check_options(model, the_plan.savings)  # InvalidSettingsError for options the model cannot take, first
-    modules = inject.apply_plan(model, the_plan)
-    from .compress.merge import units_of
-
-    for unit in units_of(model):
-        unit.nonfinite = config.nonfinite
-    watcher = None
-    if the_plan.memory and monitor:  # compare with the measurement after the first step
+def apply(model: nn.Module, the_plan: Plan, config: WrapConfig) -> Plan:
+    """Apply a checked plan (wrap's last part), with the first-step monitor where the plan predicts memory."""
+    state = inject.apply_wrap(model, the_plan, config)
+    if the_plan.memory:  # compare with the measurement after the first step with optimizer states
         from .planning.monitor import Monitor
 
-        watcher = Monitor(model, the_plan)
-    object.__setattr__(model, inject.STATE_ATTR, WrapState(plan=the_plan, config=config, modules=modules,
-                                                           monitor=watcher))
+        state.monitor = Monitor(model, the_plan)
     return the_plan
 
 
@@ -243,3 +225,41 @@ def optimizer(
     kind = kind if kind is not None else (state.plan.optimizer or "adamw")
     return MemwrapOptimizer.for_model(model, lr=lr, kind=kind, betas=betas, eps=eps, weight_decay=weight_decay,
                                       error_feedback=error_feedback, no_decay=_as_tuple(no_decay, "no_decay") or ())
+
+
+def simulate(model_or_config, plan=None, *, batch_size: int | None = None, seq_len: int | None = None, steps: int = 3,
+             budget_gb: float | None = None, dtype: str | None = None, optimizer: str | None = None):
+    """Run `steps` training steps of the wrapped model on fake (meta) tensors; returns a Simulation whose `.steps[i]`
+    holds the peak allocated bytes after "forward", "backward" and "optimizer" of step i, and `.peak` the largest.
+
+    model_or_config: a bundled name ('llama-2-7b'), a config.json or model directory, a model on the meta device, or a
+    real model (not touched: a meta copy runs). plan: a Plan or a saved plan's path; "plain" runs the model unwrapped
+    with torch AdamW; None plans from budget_gb as wrap(budget_gb=...) would. batch_size and seq_len default to the
+    plan's. optimizer: "memwrap" (memwrap.optimizer; the default with a plan) or "adamw" (torch.optim.AdamW).
+    Counts what the CUDA caching allocator would allocate (memwrap.planning.simulate says how and what it leaves out).
+    """
+    from .config import Plan, WrapConfig
+    from .planning import planner
+    from .planning.estimate import dtype_from_name
+    from .planning.simulate import meta_model_of, run_plan
+
+    if isinstance(plan, str) and plan == "plain":
+        the_plan = plan
+    elif plan is None:
+        if isinstance(model_or_config, str | os.PathLike):
+            the_plan = planner.plan(os.fspath(model_or_config), budget_gb=budget_gb, batch_size=batch_size,
+                                    seq_len=seq_len, dtype=dtype or "bf16")
+        else:  # planning reads the model without changing it, as wrap(budget_gb=...) would
+            _, name = meta_model_of(model_or_config, dtype)
+            the_plan = planner.plan_for_model(model_or_config, WrapConfig(), budget_gb=budget_gb,
+                                              batch_size=batch_size, seq_len=seq_len,
+                                              dtype_bytes=dtype_from_name(name)[1])
+    else:
+        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    planned = the_plan if isinstance(the_plan, Plan) else None
+    batch = batch_size or (planned.batch_size if planned is not None and planned.batch_size else None) \
+        or planner.DEFAULT_BATCH_SIZE
+    seq = seq_len or (planned.seq_len if planned is not None and planned.seq_len else None) \
+        or planner.DEFAULT_SEQ_LEN
+    return run_plan(model_or_config, the_plan, batch_size=batch, seq_len=seq, steps=steps, dtype=dtype,
+                    optimizer=optimizer)

@@ -71,15 +71,24 @@ def format_table(model: str, plan, baselines: dict) -> str:
              f"budget {_gb(plan.budget_bytes, scale)} {unit}", ""]
     head = f"{unit:<20}" + "".join(f"{c:>12}" for c in cols)
     lines += [head, "-" * len(head)]
-    for part in parts + ["peak"]:
+    reserved = [k for k in ("cuda context", "allocator headroom") if k in data["memwrap"]]
+    for c in cols:  # the card holds the peak and, on a GPU, the reserves (memwrap.planning.card)
+        if reserved:
+            from .planning import card
+
+            data[c].setdefault("cuda context", data["memwrap"]["cuda context"])
+            data[c].setdefault("allocator headroom", int(data[c]["peak"] * card.headroom_fraction()))
+        data[c]["on the card"] = data[c]["peak"] + sum(data[c].get(k, 0) for k in reserved)
+    parts = [k for k in parts if k not in reserved]
+    for part in parts + ["peak"] + reserved + (["on the card"] if reserved else []):
         lines.append(f"{part:<20}" + "".join(f"{_gb(data[c].get(part), scale):>12}" for c in cols))
-    fits = ["yes" if data[c]["peak"] <= (plan.budget_bytes or 0) else "no" for c in cols]
+    fits = ["yes" if data[c]["on the card"] <= (plan.budget_bytes or 0) else "no" for c in cols]
     lines.append(f"{'fits budget':<20}" + "".join(f"{f:>12}" for f in fits))
-    plain = next((c for c in baselines if data[c]["peak"] <= (plan.budget_bytes or 0)), None)
+    plain = next((c for c in baselines if data[c]["on the card"] <= (plan.budget_bytes or 0)), None)
     if plain is not None:
         lines.append(f"note: {'plain AdamW' if plain == 'AdamW' else 'AdamW with gradient checkpointing'} fits this "
                      f"budget without memwrap (peak {_gb(data[plain]['peak'], scale)} {unit}); memwrap's plan leaves "
-                     f"{_gb((plan.budget_bytes or 0) - data['memwrap']['peak'], scale)} {unit} free for a larger batch "
+                     f"{_gb((plan.budget_bytes or 0) - data['memwrap']['on the card'], scale)} {unit} free for a larger batch "
                      "or longer sequences, at a small loss cost (docs/results)")
     lines += ["", f"{'layer kind':<28}{'count':>6}{'E':>5}{'n×m':>14}{'c':>6}{'r':>5}{'c·r/m':>9}"]
     kinds: dict[tuple, int] = {}
@@ -117,12 +126,14 @@ def format_table(model: str, plan, baselines: dict) -> str:
               help="DeepSpeed ZeRO stage: the budget is one rank's, DeepSpeed's partitioned bytes are counted")
 @click.option("--world-size", type=str, default=None, help="ranks DeepSpeed partitions over (with --zero; default 1)")
 @click.option("--offload-optimizer", is_flag=True, help="ZeRO-Offload: optimizer states in CPU memory (with --zero)")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="where the run trains: on cuda the budget also holds the CUDA context and allocator headroom")
 @click.option("--simulate", "simulate_steps", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=3,
               help="also run N training steps of the plan on fake tensors (memwrap.simulate; default 3) and print "
                    "the peak allocated bytes after each phase")
 def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len: str | None, dtype: str,
              as_json: bool, save_path: str | None, compress_experts: bool | None, zero: str | None,
-             world_size: str | None, offload_optimizer: bool, simulate_steps: int | None) -> None:
+             world_size: str | None, offload_optimizer: bool, device: str, simulate_steps: int | None) -> None:
     """Choose settings for MODEL (a bundled name, a local directory or a hub id) without loading any weights."""
     from .errors import BudgetTooSmallError
     from .planning import planner
@@ -150,7 +161,7 @@ def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len:
         zero_kw = dict(zero=int(zero) if zero else None, world_size=ranks, offload_optimizer=offload_optimizer)
         spec = planner.zero_spec(**zero_kw)
         the_plan = planner.plan(model, budget_gb=budget, batch_size=batch, seq_len=seq, dtype=dtype,
-                                compress_experts=compress_experts, **zero_kw)
+                                compress_experts=compress_experts, device=device, **zero_kw)
         sk = planner.sketch(model, compress_experts=compress_experts)
         base = planner.baselines(sk, batch_size=the_plan.batch_size, seq_len=the_plan.seq_len, dtype_bytes=dtype_bytes,
                                  zero=spec)
@@ -167,7 +178,7 @@ def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len:
     if simulate_steps:
         if spec is not None:
             _fail("--simulate runs one process's step; it does not model DeepSpeed ZeRO: leave out --zero.")
-        from .planning.simulate import simulate
+        from .api import simulate
 
         try:
             simulated = simulate(model, the_plan, steps=simulate_steps, dtype=dtype)

@@ -29,7 +29,7 @@ def run(*args):
 def test_plan_json_parses_and_round_trips(config_dir, tmp_path):
     save = tmp_path / "plan.json"
     res = run("plan", config_dir, "--budget-gb", "0.01", "--batch-size", "4", "--seq-len", "64", "--dtype", "fp32",
-              "--json", "--save", str(save))
+              "--device", "cpu", "--json", "--save", str(save))
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     plan = memwrap.Plan.from_dict(data["plan"])
@@ -39,13 +39,14 @@ def test_plan_json_parses_and_round_trips(config_dir, tmp_path):
     assert (data["batch_size"], data["seq_len"], data["dtype"]) == (4, 64, "fp32")
     assert data["baselines"]["AdamW"]["peak"] > data["baselines"]["AdamW+ckpt"]["peak"]
     # the same plan as the library computes, and wrap(plan=) applies it
-    assert plan == memwrap.plan(config_dir, budget_gb=0.01, batch_size=4, seq_len=64, dtype="fp32")
+    assert plan == memwrap.plan(config_dir, budget_gb=0.01, batch_size=4, seq_len=64, dtype="fp32", device="cpu")
     model = tiny_llama()
     assert memwrap.wrap(model, plan=str(save)) == plan
 
 
 def test_plan_table_has_breakdown_beside_baselines(config_dir):
-    res = run("plan", config_dir, "--budget-gb", "0.01", "--batch-size", "4", "--seq-len", "64", "--dtype", "fp32")
+    res = run("plan", config_dir, "--budget-gb", "0.01", "--batch-size", "4", "--seq-len", "64", "--dtype", "fp32",
+              "--device", "cpu")
     assert res.exit_code == 0, res.output
     head = next(line for line in res.output.splitlines() if line.split()[:1] in (["GB"], ["MB"], ["KB"]))
     assert head.split()[1:] == ["AdamW", "AdamW+ckpt", "memwrap"]
@@ -119,11 +120,11 @@ def test_env_json_names_versions_and_sources():
 def test_real_subprocess_plan_json_and_error(config_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "memwrap.cli", "plan", config_dir, "--budget-gb", "0.01", "--batch-size", "2",
-           "--seq-len", "32", "--json"]
+           "--seq-len", "32", "--device", "cpu", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     plan = memwrap.Plan.from_dict(json.loads(out.stdout)["plan"])
-    assert plan == memwrap.plan(config_dir, budget_gb=0.01, batch_size=2, seq_len=32)
+    assert plan == memwrap.plan(config_dir, budget_gb=0.01, batch_size=2, seq_len=32, device="cpu")
     bad = subprocess.run([sys.executable, "-m", "memwrap.cli", "plan", config_dir, "--budget-gb", "-1"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
@@ -136,7 +137,8 @@ def test_real_subprocess_plan_json_and_error(config_dir):
 def test_plan_says_when_plain_adamw_already_fits(config_dir):
     """A budget plain AdamW fits gets a note saying so (memwrap is not needed there); a tight one does not."""
     def note_and_peaks(budget):
-        res = run("plan", config_dir, "--budget-gb", budget, "--batch-size", "4", "--seq-len", "64", "--dtype", "fp32")
+        res = run("plan", config_dir, "--budget-gb", budget, "--batch-size", "4", "--seq-len", "64", "--dtype", "fp32",
+                  "--device", "cpu")
         assert res.exit_code == 0, res.output
         peak_row = next(line for line in res.output.splitlines() if line.startswith("peak"))
         unit = next(line for line in res.output.splitlines() if line.split()[:1] in (["GB"], ["MB"], ["KB"])).split()[0]

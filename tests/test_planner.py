@@ -43,10 +43,11 @@ def check_monotone(results):
 
 
 def test_tiny_model_smaller_budget_never_more_bytes():
+    """The byte model's chooser (verify=False); the simulated plans are checked in test_simulate."""
     model = tiny_llama(hidden=128, layers=3, vocab=2048, intermediate=256)
     budgets = [0.004 * 1.3**k for k in range(22)]
     plans = check_monotone(sweep(lambda gb: planner.plan_for_model(
-        model, memwrap.WrapConfig(), budget_gb=gb, batch_size=4, seq_len=256), budgets))
+        model, memwrap.WrapConfig(), budget_gb=gb, batch_size=4, seq_len=256, verify=False), budgets))
     assert len({(p.layers[0].c * p.layers[0].r, p.gradient_checkpointing, p.chunked_cross_entropy) for p in plans}) >= 2
     assert not memwrap.compress.inject.is_wrapped(model)
 
@@ -60,22 +61,23 @@ def test_bundled_moe_smaller_budget_never_more_bytes():
 
 
 def test_budget_too_small_names_smallest_budget_and_largest_batch():
+    """The byte model's bisection (verify=False): the smallest budget and largest batch it names are exact for it."""
     model = tiny_llama(hidden=128, layers=3, vocab=2048, intermediate=256)
     cfg = memwrap.WrapConfig()
     with pytest.raises(BudgetTooSmallError) as info:
-        planner.plan_for_model(model, cfg, budget_gb=0.1, batch_size=64, seq_len=256)
+        planner.plan_for_model(model, cfg, budget_gb=0.1, batch_size=64, seq_len=256, verify=False)
     err = info.value
     assert _fmt_bytes(err.min_budget_bytes) in str(err) and f"fits at batch {err.max_batch_size}" in str(err)
     # exactly the smallest budget: fits; a byte less: does not
-    fits = planner.plan_for_model(model, cfg, budget_gb=(err.min_budget_bytes + 0.5) / 1e9, batch_size=64, seq_len=256)
+    fits = planner.plan_for_model(model, cfg, budget_gb=(err.min_budget_bytes + 0.5) / 1e9, batch_size=64, seq_len=256, verify=False)
     assert peak(fits) <= err.min_budget_bytes
     with pytest.raises(BudgetTooSmallError):
-        planner.plan_for_model(model, cfg, budget_gb=(err.min_budget_bytes - 2) / 1e9, batch_size=64, seq_len=256)
+        planner.plan_for_model(model, cfg, budget_gb=(err.min_budget_bytes - 2) / 1e9, batch_size=64, seq_len=256, verify=False)
     # the largest batch fits this budget, one more does not
     assert 1 <= err.max_batch_size < 64
-    planner.plan_for_model(model, cfg, budget_gb=0.1, batch_size=err.max_batch_size, seq_len=256)
+    planner.plan_for_model(model, cfg, budget_gb=0.1, batch_size=err.max_batch_size, seq_len=256, verify=False)
     with pytest.raises(BudgetTooSmallError):
-        planner.plan_for_model(model, cfg, budget_gb=0.1, batch_size=err.max_batch_size + 1, seq_len=256)
+        planner.plan_for_model(model, cfg, budget_gb=0.1, batch_size=err.max_batch_size + 1, seq_len=256, verify=False)
 
 
 def test_checkpointing_when_needed_is_applied_and_explained_not_asked_for():
@@ -122,7 +124,7 @@ def test_explicit_rank_is_honoured_exactly():
 def test_plan_from_config_directory_reapplies_exactly(tmp_path):
     model = tiny_llama()
     model.config.save_pretrained(tmp_path / "cfg")
-    plan = memwrap.plan(str(tmp_path / "cfg"), budget_gb=0.01, batch_size=4, seq_len=64, dtype="fp32")
+    plan = memwrap.plan(str(tmp_path / "cfg"), budget_gb=0.01, batch_size=4, seq_len=64, dtype="fp32", device="cpu")
     plan.save(tmp_path / "plan.json")
     applied = memwrap.wrap(model, plan=str(tmp_path / "plan.json"))
     assert applied == plan == memwrap.Plan.load(tmp_path / "plan.json")
@@ -176,7 +178,7 @@ def test_moe_plan_from_config_equals_plan_from_instance(family, tmp_path):
     cfg = (Qwen2MoeConfig(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4, **common)
            if family == "qwen2_moe" else MixtralConfig(num_local_experts=4, **common))
     cfg.save_pretrained(tmp_path)
-    plan = memwrap.plan(str(tmp_path), budget_gb=0.05, batch_size=2, seq_len=32, dtype="fp32")
+    plan = memwrap.plan(str(tmp_path), budget_gb=0.05, batch_size=2, seq_len=32, dtype="fp32", device="cpu")
     model = AutoModelForCausalLM.from_config(cfg)
     same = planner.plan_for_model(model, memwrap.WrapConfig(), budget_gb=0.05, batch_size=2, seq_len=32)
     assert plan.expert_layers and [lp.to_dict() for lp in plan.layers] == [lp.to_dict() for lp in same.layers]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -432,3 +432,24 @@ def no_targets_error(model: nn.Module, config: WrapConfig, skipped) -> NoTargets
     msg += (" Pass targets= with names that exist (e.g. 'q_proj' or 'layers.*.mlp.*') or check that the model has "
             "float linear layers.")
     return NoTargetsError(msg)
+
+
+@dataclass
+class WrapState:
+    """Kept on the wrapped model instance (as `model._memwrap_state`); removed by unwrap."""
+
+    plan: Plan
+    config: WrapConfig
+    modules: list = field(default_factory=list)
+    monitor: object = None  # planning.monitor.Monitor when the plan predicts memory
+
+
+def apply_wrap(model: nn.Module, the_plan: Plan, config: WrapConfig) -> WrapState:
+    """Apply a checked plan and mark the model wrapped (wrap's last part; memwrap.simulate's on a meta copy)."""
+    blocks.check_options(model, the_plan.savings)  # InvalidSettingsError for options the model cannot take, first
+    modules = apply_plan(model, the_plan)
+    for unit in merge.units_of(model):
+        unit.nonfinite = config.nonfinite
+    state = WrapState(plan=the_plan, config=config, modules=modules)
+    object.__setattr__(model, STATE_ATTR, state)
+    return state

@@ -484,8 +484,67 @@ def _head_target(model: nn.Module, config: WrapConfig, adapter, candidates, allo
     return Target(c.name, c.kind, c.in_features, c.out_features, c.num_experts, c.group_key)
 
 
+VERIFY_ROUNDS = 4  # byte-model budgets tried before the simulated steady-state step fits
+
+
+def settle(make, run, budget_bytes: int, device, source: str, *, zero=None, verify: bool = True) -> Plan:
+    """The plan whose simulated steady-state step plus the card's reserves fits the budget.
+
+    make(analytic_budget) -> Plan chooses with the byte model against `analytic_budget`; run(plan) -> Simulation runs
+    its training steps on fake tensors. Starting from the budget less the reserves, each round lowers the byte model's
+    budget by what the simulation found beyond the real one, so the plan's peak is the simulated step's, not the sum
+    of parts (which misses how they overlap from step 2 on). DeepSpeed ZeRO plans keep the byte model's peak."""
+    from . import card
+
+    first = card.reserves(0, device, source)
+    frac = card.headroom_fraction() if first else 0.0
+    analytic = int((budget_bytes - first.get("cuda context", 0)) / (1 + frac))
+    if not verify or zero is not None:
+        p = make(analytic)
+        note = "peak from the byte model (not simulated" + (": DeepSpeed ZeRO)" if zero is not None else ")")
+        return _with_reserves(p, dict(p.memory)["peak"], card.reserves(dict(p.memory)["peak"], device, source), note)
+    for _ in range(VERIFY_ROUNDS):
+        try:
+            p = make(analytic)
+        except BudgetTooSmallError as e:
+            raise BudgetTooSmallError(f"{e} (after reserving the CUDA context and allocator headroom, and the steady "
+                                      "state of the step as simulated)", min_budget_bytes=e.min_budget_bytes,
+                                      max_batch_size=e.max_batch_size) from None
+        try:
+            sim = run(p)
+        except Exception as e:  # noqa: BLE001 - a model the simulator cannot run keeps the byte model's peak
+            peak = dict(p.memory)["peak"]
+            why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            return _with_reserves(p, peak, card.reserves(peak, device, source),
+                                  f"peak from the byte model: the steady-state step could not be simulated ({why})")
+        steady = max(sim.steps[-1].values())
+        res = card.reserves(steady, device, source)
+        total = steady + sum(res.values())
+        if total <= budget_bytes:
+            return _with_reserves(p, steady, res, f"peak: the steady-state step (step 2 on) simulated on fake tensors; "
+                                                  f"the byte model said {_fmt_bytes(dict(p.memory)['peak'])}")
+        analytic -= total - budget_bytes + budget_bytes // 200  # what the byte model missed, and 0.5% to spare
+    raise BudgetTooSmallError(f"nothing fits a budget of {_fmt_bytes(budget_bytes)}: the simulated steady-state step "
+                              f"needs {_fmt_bytes(total)} with the reserves at the closest plan; use a smaller batch or "
+                              "sequence, or a larger device.", min_budget_bytes=int(total), max_batch_size=None)
+
+
+def _with_reserves(p: Plan, peak: int, res: dict[str, int], note: str) -> Plan:
+    """The plan with its peak (bytes allocated at the steady-state step) and the card's reserves as named parts."""
+    from . import card
+
+    parts = [(k, v) for k, v in p.memory if k != "peak"] + list(res.items()) + [("peak", int(peak))]
+    notes = p.notes + (note,)
+    if res:
+        notes += (f"the budget also holds the CUDA context ({_fmt_bytes(res['cuda context'])}) and allocator headroom "
+                  f"({_fmt_bytes(res['allocator headroom'])}, {card.headroom_fraction():.0%} of the peak, "
+                  + ("expandable segments: memwrap turns them on where PYTORCH_CUDA_ALLOC_CONF is unset)"
+                     if card.expandable_segments() else "the default allocator, as PYTORCH_CUDA_ALLOC_CONF sets it)"),)
+    return replace(p, memory=tuple(parts), notes=notes)
+
+
 def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batch_size=None, seq_len=None,
-                   dtype_bytes: int = 4, zero: ZeroSpec | None = None) -> Plan:
+                   dtype_bytes: int = 4, zero: ZeroSpec | None = None, verify: bool = True) -> Plan:
     """Find targets and settle (c, r) for each (explicit settings, else by budget); raises before any mutation.
     zero: count one rank's bytes under DeepSpeed ZeRO (`zero_spec`)."""
     _validate(budget_gb, batch_size, seq_len)
@@ -512,12 +571,23 @@ def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batc
     head = _head_target(model, config, adapter, candidates)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     param_bytes = param.element_size() if param is not None else dtype_bytes
-    choice = choose(shape, weights, targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
-                    dtype_bytes=dtype_bytes, param_bytes=param_bytes,
-                    fixed=config.savings if config.savings_changed() else None,
-                    coords_bytes=2 if param is not None and param.dtype == torch.bfloat16 else 4, head=head, zero=zero)
-    return _finish(base, choice, budget_bytes, batch, seq, _DTYPE_NAMES.get(dtype_bytes, f"{dtype_bytes}-byte"), source,
-                   shape)
+
+    def make(analytic_budget: int) -> Plan:
+        choice = choose(shape, weights, targets, budget_bytes=analytic_budget, batch_size=batch, seq_len=seq,
+                        dtype_bytes=dtype_bytes, param_bytes=param_bytes,
+                        fixed=config.savings if config.savings_changed() else None,
+                        coords_bytes=2 if param is not None and param.dtype == torch.bfloat16 else 4, head=head,
+                        zero=zero)
+        return _finish(base, choice, budget_bytes, batch, seq, _DTYPE_NAMES.get(dtype_bytes, f"{dtype_bytes}-byte"),
+                       source, shape)
+
+    def run(p: Plan):
+        from .simulate import run_plan
+
+        return run_plan(model, p, batch_size=batch, seq_len=seq, steps=2)
+
+    device = param.device if param is not None and param.device.type != "meta" else None
+    return settle(make, run, budget_bytes, device, source, zero=zero, verify=verify)
 
 
 # ---- planning from a config, nothing loaded ---------------------------------------------------------------
@@ -577,13 +647,20 @@ def _sketch(model: str, config: WrapConfig, compress_experts: bool) -> ModelSket
 
 def plan(model: str, budget_gb: float | None = None, batch_size: int | None = None, seq_len: int | None = None,
          dtype: str = "bf16", *, compress_experts: bool | None = None, zero: int | None = None,
-         world_size: int | None = None, offload_optimizer: bool = False, **wrap_kwargs) -> Plan:
+         world_size: int | None = None, offload_optimizer: bool = False, verify: bool = True, device: str = "cuda",
+         **wrap_kwargs) -> Plan:
     """Plan a model from its config alone (nothing loaded); `wrap(model, plan=...)` applies the result exactly.
 
     dtype is that of the weights and activations (fp32, bf16, fp16). zero (1, 2, 3), world_size and
     offload_optimizer: the budget is one rank's under DeepSpeed ZeRO. Raises BudgetTooSmallError when
-    nothing fits, InvalidSettingsError for bad input or an unknown model.
+    nothing fits, InvalidSettingsError for bad input or an unknown model. The plan's peak is its steady-state training
+    step, simulated on fake tensors (memwrap.simulate), and the budget also holds the CUDA context and allocator
+    headroom (memwrap.planning.card) when device is "cuda" (the default; "cpu" reserves neither); verify=False keeps
+    the byte model's peak (faster, for sweeps).
     """
+    if device not in ("cuda", "cpu"):
+        raise InvalidSettingsError(f"device={device!r}: plan for 'cuda' (a GPU: the budget also holds the CUDA context "
+                                   "and allocator headroom) or 'cpu'.")
     if not isinstance(model, str | os.PathLike) or not os.fspath(model).strip():
         raise InvalidSettingsError(f"memwrap.plan takes a model name (a family like 'llama-2-7b'), a config.json path "
                                    f"or a local model directory; got {model!r}. To plan a loaded model use "
@@ -599,10 +676,13 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     budget_bytes, source = resolve_budget(budget_gb)
     batch = batch_size or DEFAULT_BATCH_SIZE
     seq = seq_len or sk.max_positions
-    choice = choose(sk.shape, sk.weights, sk.targets, budget_bytes=budget_bytes, batch_size=batch, seq_len=seq,
-                    dtype_bytes=dtype_bytes, param_bytes=dtype_bytes,
-                    fixed=config.savings if config.savings_changed() else None,
-                    coords_bytes=2 if dtype.lower() in ("bf16", "bfloat16") else 4, head=sk.head, zero=zero)
+
+    def choice_at(analytic_budget: int) -> Choice:
+        return choose(sk.shape, sk.weights, sk.targets, budget_bytes=analytic_budget, batch_size=batch, seq_len=seq,
+                      dtype_bytes=dtype_bytes, param_bytes=dtype_bytes,
+                      fixed=config.savings if config.savings_changed() else None,
+                      coords_bytes=2 if dtype.lower() in ("bf16", "bfloat16") else 4, head=sk.head, zero=zero)
+
     planned = {t.name for t in sk.targets}
     skipped = sk.skipped + tuple((w.name, "fused experts left exact (compress_experts=False)") for w in sk.weights
                                  if w.kind == "experts" and w.name not in planned)
@@ -611,7 +691,16 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
                 norms=config.norms, mlp=config.mlp, attention=config.attention, checkpoint_layers=config.checkpoint_layers,
                 loss_chunk=config.loss_chunk,
                 model_class=sk.model_class)
-    return _finish(base, choice, budget_bytes, batch, seq, dtype.lower(), source, sk.shape)
+
+    def make(analytic_budget: int) -> Plan:
+        return _finish(base, choice_at(analytic_budget), budget_bytes, batch, seq, dtype.lower(), source, sk.shape)
+
+    def run(p: Plan):
+        from .simulate import run_plan
+
+        return run_plan(model, p, batch_size=batch, seq_len=seq, steps=2, dtype=dtype)
+
+    return settle(make, run, budget_bytes, torch.device(device), source, zero=zero, verify=verify)
 
 
 def baselines(sk: ModelSketch, *, batch_size: int, seq_len: int, dtype_bytes: int,

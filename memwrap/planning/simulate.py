@@ -196,7 +196,8 @@ def _meta_twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _model_from(model_or_config, dtype: str | None) -> tuple[nn.Module, str]:
+def meta_model_of(model_or_config, dtype: str | None) -> tuple[nn.Module, str]:
+    """A meta copy of the model (or the model built from a config on the meta device) and its dtype name."""
     from .estimate import dtype_from_name, load_config, meta_model
 
     if isinstance(model_or_config, nn.Module):
@@ -219,20 +220,13 @@ def _model_from(model_or_config, dtype: str | None) -> tuple[nn.Module, str]:
     return meta_model(config).to(torch_dtype), dtype
 
 
-def simulate(model_or_config, plan=None, *, batch_size: int | None = None, seq_len: int | None = None, steps: int = 3,
-             budget_gb: float | None = None, dtype: str | None = None, optimizer: str | None = None) -> Simulation:
-    """Run `steps` training steps of the wrapped model on fake (meta) tensors and return the per-phase peaks.
-
-    model_or_config: a bundled name ('llama-2-7b'), a config.json or model directory, a model on the meta device, or a
-    real model (it is not touched: a meta twin is simulated). plan: a Plan or a saved plan's path; "plain" simulates
-    the model unwrapped with torch AdamW; None plans from budget_gb like `wrap(budget_gb=...)`. batch_size and
-    seq_len default to the plan's. optimizer: "memwrap" (memwrap.optimizer, the default for a plan) or "adamw"
-    (torch.optim.AdamW over the trainable parameters).
-    """
-    from .. import api
+def run_plan(model_or_config, plan, *, batch_size: int, seq_len: int, steps: int = 3, dtype: str | None = None,
+             optimizer: str | None = None) -> Simulation:
+    """The simulation itself (memwrap.simulate resolves the plan and the defaults first): `plan` is a Plan or
+    "plain" (the model unwrapped, stepped by torch AdamW)."""
     from ..compress import inject
-    from ..config import Plan, WrapConfig
-    from . import planner
+    from ..config import WrapConfig
+    from ..optim import MemwrapOptimizer
 
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise InvalidSettingsError(f"steps={steps!r} must be a positive integer (3 shows the steady state).")
@@ -240,38 +234,26 @@ def simulate(model_or_config, plan=None, *, batch_size: int | None = None, seq_l
     kind = optimizer or ("adamw" if plain else "memwrap")
     if kind not in ("adamw", "memwrap"):
         raise InvalidSettingsError(f"optimizer={optimizer!r}: use 'memwrap' or 'adamw'.")
-    model, dtype = _model_from(model_or_config, dtype)
-    if plain:
-        the_plan = None
-    elif plan is None:
-        from .estimate import dtype_from_name
-
-        the_plan = planner.plan_for_model(model, WrapConfig(), budget_gb=budget_gb, batch_size=batch_size,
-                                          seq_len=seq_len, dtype_bytes=dtype_from_name(dtype)[1])
-    else:
-        the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    batch = batch_size or (the_plan.batch_size if the_plan is not None and the_plan.batch_size else None) \
-        or planner.DEFAULT_BATCH_SIZE
-    seq = seq_len or (the_plan.seq_len if the_plan is not None and the_plan.seq_len else None) \
-        or planner.default_seq_len(getattr(model, "config", None))
-    _route_attention(model)
-    if the_plan is not None:
-        inject.check_plan_against_model(model, the_plan)
-        api.apply(model, the_plan, WrapConfig(nonfinite="skip"), monitor=False)
-    model.train()
+    model, dtype = meta_model_of(model_or_config, dtype)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None:
         raise InvalidSettingsError(f"{type(model).__name__} has no config.vocab_size: memwrap.simulate runs models that "
                                    "take input_ids and labels (transformers causal or masked LMs).")
+    _route_attention(model)
+    if not plain:
+        inject.check_plan_against_model(model, plan)
+        inject.apply_wrap(model, plan, WrapConfig(nonfinite="skip"))
 
     def build():
-        if kind == "memwrap" and not plain:
-            return api.optimizer(model)
+        if kind == "memwrap" and not plain:  # what memwrap.optimizer(model) builds
+            return MemwrapOptimizer.for_model(model, lr=1e-3, kind=plan.optimizer or "adamw", betas=(0.9, 0.999),
+                                              eps=1e-8, weight_decay=0.0, error_feedback=False,
+                                              no_decay=("bias", "norm", "embed"))
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=False, foreach=False)
 
-    out, resident, live = measure_steps(model, build, batch_size=batch, seq_len=seq, steps=steps)
-    return Simulation(steps=out, resident=resident, plan=the_plan, batch_size=batch, seq_len=seq,
-                      host_reads_per_step=live.host_reads / steps)
+    out, resident, live = measure_steps(model, build, batch_size=batch_size, seq_len=seq_len, steps=steps)
+    return Simulation(steps=out, resident=resident, plan=None if plain else plan, batch_size=batch_size,
+                      seq_len=seq_len, host_reads_per_step=live.host_reads / steps)
 
 
 def measure_steps(model: nn.Module, build_optimizer, *, batch_size: int, seq_len: int, steps: int,
