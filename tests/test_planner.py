@@ -69,7 +69,8 @@ def test_budget_too_small_names_smallest_budget_and_largest_batch():
     err = info.value
     assert _fmt_bytes(err.min_budget_bytes) in str(err) and f"fits at batch {err.max_batch_size}" in str(err)
     # exactly the smallest budget: fits; a byte less: does not
-    fits = planner.plan_for_model(model, cfg, budget_gb=(err.min_budget_bytes + 0.5) / 1e9, batch_size=64, seq_len=256, verify=False)
+    fits = planner.plan_for_model(model, cfg, budget_gb=(err.min_budget_bytes + 0.5) / 1e9, batch_size=64, seq_len=256,
+                                  verify=False)
     assert peak(fits) <= err.min_budget_bytes
     with pytest.raises(BudgetTooSmallError):
         planner.plan_for_model(model, cfg, budget_gb=(err.min_budget_bytes - 2) / 1e9, batch_size=64, seq_len=256, verify=False)
