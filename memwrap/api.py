@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -126,6 +127,14 @@ def wrap(
         the_plan = planner.plan_for_model(model, config, budget_gb=budget_gb, batch_size=batch_size, seq_len=seq_len,
                                           dtype_bytes=_activation_dtype_bytes(model, activation_dtype),
                                           zero=zero_setting)
+        param = next(model.parameters(), None)
+        if the_plan.memory and param is not None and param.device.type == "cuda":
+            from .planning import card
+
+            if card.enable_expandable_segments():  # the headroom the plan reserved assumes them
+                the_plan = replace(the_plan, notes=the_plan.notes + (
+                    "memwrap turned on the CUDA allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF was unset; "
+                    "set it to keep your own allocator settings)",))
     return apply(model, the_plan, config)
 
 

@@ -81,3 +81,21 @@ def test_bad_input_is_refused_before_anything_runs():
         memwrap.simulate(model, memwrap.get_plan(model))
     with pytest.raises(InvalidSettingsError):
         memwrap.simulate(42)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_a_budget_plan_is_its_simulated_steady_state_step_and_holds_the_card(family, tmp_path):
+    """wrap(budget_gb=...) on a CPU model: the plan's peak is its simulated steady-state step (2%) and fits the budget;
+    memwrap.plan for a GPU (device="cuda") also reserves the CUDA context and allocator headroom, within the budget."""
+    model = bf16(family)
+    plan = memwrap.wrap(model, budget_gb=0.004, batch_size=2, seq_len=64)
+    sim = memwrap.simulate(bf16(family), plan, steps=2)
+    peak = dict(plan.memory)["peak"]
+    assert abs(max(sim.steps[-1].values()) - peak) <= 0.02 * peak and peak <= 0.004e9
+    assert "cuda context" not in dict(plan.memory)  # a CPU run has none
+    bf16(family).config.save_pretrained(tmp_path)
+    gpu = memwrap.plan(str(tmp_path), budget_gb=1.0, batch_size=2, seq_len=64)
+    parts = dict(gpu.memory)
+    assert parts["cuda context"] > 0 and parts["allocator headroom"] > 0
+    assert parts["peak"] + parts["cuda context"] + parts["allocator headroom"] <= 1.0e9
+    assert any("steady-state step" in n for n in gpu.notes)

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python tools/bench_planner.py [--batch-size 8 --seq-len 2048 --dtype bf16]
 
+Part 0: the steady-state step, byte model vs simulation (memwrap.simulate), and the settled plan against the budget.
 Part 1 (nothing loaded): for each bundled config, the predicted peak of plain AdamW, AdamW + gradient
 checkpointing and the memwrap plan at each budget (MoE models twice: fused experts exact and compressed), then the
 smallest plan at 1/32 (batch 1 and 8) against the weights and against AdamW + checkpointing.
@@ -67,6 +68,43 @@ def bundled_table(batch: int, seq: int, dtype: str, budgets=(16, 24, 40, 80)) ->
                     fit = f"batch {e.max_batch_size} fits" if e.max_batch_size else "no batch fits"
                     row += (f"{'-':>9}{'-':>11}{'-':>6}{'-':>11}{'-':>21}{'-':>11}{'-':>7}  needs {gb(e.min_budget_bytes)} GB;"
                             f" {fit}")
+                lines.append(row)
+    return "\n".join(lines)
+
+
+def steady_table(batch: int, seq: int, dtype: str, budgets=(16, 24, 40, 80)) -> str:
+    """For each bundled config and budget: the byte model's plan and its simulated steady-state step (how far the sum
+    of parts was off), then the settled plan wrap and memwrap.plan return: its peak, the simulated peak (they must
+    agree within 2%: the settled peak is the simulation's) and the peak plus the card's reserves against the budget."""
+    from memwrap.planning.simulate import run_plan
+
+    head = (f"{'model':<20}{'experts':<10}{'budget':>7}{'byte model':>12}{'simulated':>11}{'off':>8}"
+            f"{'settled':>9}{'simulated':>11}{'agree':>7}{'+ reserves':>12}{'fits':>6}{'c·r/m':>11}")
+    lines = [f"the steady-state step: byte model vs simulation, batch {batch} × seq_len {seq}, {dtype}; GB", head,
+             "-" * len(head)]
+    for name in est.bundled_names():
+        moe = any(w.kind == "experts" for w in planner.sketch(name, compress_experts=False).weights)
+        for experts in ((False, True) if moe else (None,)):
+            label = "-" if experts is None else ("compressed" if experts else "exact")
+            kw = dict(batch_size=batch, seq_len=seq, dtype=dtype, compress_experts=bool(experts))
+            for budget in budgets:
+                row = f"{name:<20}{label:<10}{budget:>7}"
+                try:
+                    raw = memwrap.plan(name, budget_gb=budget, verify=False, **kw)
+                    raw_sim = max(run_plan(name, raw, batch_size=batch, seq_len=seq, steps=2, dtype=dtype).steps[-1].values())
+                    raw_peak = dict(raw.memory)["peak"]
+                    row += f"{gb(raw_peak):>12}{gb(raw_sim):>11}{raw_sim / raw_peak - 1:>+8.1%}"
+                except BudgetTooSmallError:
+                    row += f"{'-':>12}{'-':>11}{'-':>8}"
+                try:
+                    p = memwrap.plan(name, budget_gb=budget, **kw)
+                    mem = dict(p.memory)
+                    sim = max(run_plan(name, p, batch_size=batch, seq_len=seq, steps=2, dtype=dtype).steps[-1].values())
+                    total = mem["peak"] + mem.get("cuda context", 0) + mem.get("allocator headroom", 0)
+                    row += (f"{gb(mem['peak']):>9}{gb(sim):>11}{sim / mem['peak']:>7.3f}{gb(total):>12}"
+                            f"{'yes' if total <= budget * 1e9 else 'NO':>6}{levels(p):>11}")
+                except BudgetTooSmallError as e:
+                    row += f"{'-':>9}{'-':>11}{'-':>7}{'-':>12}{'-':>6}{'-':>11}  needs {gb(e.min_budget_bytes or 0)} GB"
                 lines.append(row)
     return "\n".join(lines)
 
@@ -167,8 +205,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--skip-measured", action="store_true", help="only the bundled-config table")
+    ap.add_argument("--skip-measured", action="store_true", help="only the bundled-config tables")
+    ap.add_argument("--steady-only", action="store_true", help="only the byte model vs simulation table")
     args = ap.parse_args()
+    print(steady_table(args.batch_size, args.seq_len, args.dtype))
+    if args.steady_only:
+        return
+    print()
     print(bundled_table(args.batch_size, args.seq_len, args.dtype))
     print()
     print(floor_table(args.seq_len, args.dtype))
