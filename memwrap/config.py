@@ -183,6 +183,7 @@ class Plan:
     gradient_checkpointing: bool = False
     chunked_cross_entropy: bool = False
     memory: tuple[tuple[str, int], ...] = ()  # named parts of the predicted peak, bytes
+    phases: tuple[tuple[str, int], ...] = ()  # the steady-state step's simulated peak after each phase, bytes
     step_time_overhead: float | None = None  # predicted step time over plain training (recomputed FLOPs)
     optimizer: str | None = None  # the optimizer whose state bytes the plan counted; memwrap.optimizer builds it
     notes: tuple[str, ...] = field(default=())
@@ -238,6 +239,7 @@ class Plan:
                 f"plan has a malformed layer entry ({e}); re-create it with `memwrap plan ... --save`.") from e
         data["skipped"] = tuple(tuple(s) for s in data.get("skipped", ()))
         data["memory"] = tuple((str(k), int(v)) for k, v in data.get("memory", ()))
+        data["phases"] = tuple((str(k), int(v)) for k, v in data.get("phases", ()))
         data["notes"] = tuple(data.get("notes", ()))
         data["checkpoint_layers"] = as_layer_indices(data.get("checkpoint_layers", ()))
         plan = cls(**data)

@@ -284,3 +284,24 @@ def test_replaced_forwards_keep_the_signature_callers_inspect():
     assert inspect.signature(model.forward) == inspect.signature(plain.forward)
     layer, plain_layer = model.model.layers[0].mlp, plain.model.layers[0].mlp
     assert inspect.signature(layer.forward) == inspect.signature(plain_layer.forward)
+
+
+def test_the_first_step_with_optimizer_states_is_measured_phase_by_phase():
+    """A budget plan carries its simulated steady-state phases; the monitor measures the second step's phases (live
+    bytes on a CPU) and they agree within 10%, report() prints them, and every hook is gone afterwards."""
+    import warnings
+
+    model = tiny_llama(hidden=128, layers=2, vocab=512, intermediate=256)
+    plan = memwrap.wrap(model, budget_gb=0.05, batch_size=4, seq_len=64)
+    assert [k for k, _ in plan.phases] == ["forward", "backward", "optimizer"]
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_steps(model, ids, steps=3)
+    monitor = memwrap.compress.inject.require_wrapped(model).monitor
+    predicted = monitor.predicted_phases()
+    assert monitor.phases.keys() == predicted.keys()
+    for phase, got in monitor.phases.items():
+        assert abs(got - predicted[phase]) <= 0.10 * predicted[phase], (phase, monitor.phases, predicted)
+    assert "after backward" in memwrap.report(model)
+    assert not model._forward_hooks and not any(o._optimizer_step_pre_hooks for o in memwrap.compress.merge._LINKS)

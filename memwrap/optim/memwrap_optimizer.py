@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compress import merge
-from ..compress.base import MERGE_CHUNK_BYTES, local, release
+from ..compress.base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, local, release
 from ..errors import InvalidSettingsError
 
 OPTIMIZER_KINDS = ("projfactor", "adamw")
@@ -75,12 +75,13 @@ def _adamw_step(p, g, state, lr, beta1, beta2, eps, wd):
 
 
 def _subspace_adamw_update(module, g, state, lr, beta1, beta2, eps, step) -> torch.Tensor:
+    """The update in the subspace, (…, n, c, r): `module.merge` lifts it into W a block of rows at a time."""
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     u = exp_avg.float() / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)  # (…, n, c, r)
-    return module.lifted(u.mul_(-lr / bc1))
+    return u.mul_(-lr / bc1)
 
 
 def _row_mean(t: torch.Tensor, dim: int, rows=None, keepdim: bool = False) -> torch.Tensor:
@@ -104,6 +105,32 @@ def _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, rows=None)
     v = (row / _row_mean(row, -1, rows, keepdim=True)).unsqueeze(-1) * col.unsqueeze(-2)  # rank-1 v̂, (…, n, m)
     denom = v.div_(bc2).sqrt_().add_(eps)
     return module.lifted(exp_avg).div_(denom).mul_(-lr / bc1)
+
+
+def _projfactor_step(module, g, state, lr, beta1, beta2, eps, step, decay) -> None:
+    """ProjFactor's update merged into W a block of rows at a time (every expert of a fused weight together), so its
+    weight-shaped temporaries (Ĝ², v̂, the lifted moment: fp32) stay within MERGE_CHUNK_BYTES however large the weight.
+    Two passes: the second-moment factors need every row (the column factor is a mean over them), then the update."""
+    exp_avg, row, col = state["exp_avg"], state["v_row"], state["v_col"]
+    *lead, n, _, _ = g.shape
+    width = module.in_features * max(1, math.prod(lead))  # elements of one row, across the experts
+    block = max(1, MERGE_CHUNK_BYTES // (width * MERGE_BYTES_PER_ELEMENT))
+    exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
+    col_sum = torch.zeros_like(col)
+    for r0 in range(0, n, block):
+        sq = module.lifted(g[..., r0:r0 + block, :, :]).square_().add_(1e-30)  # Ĝ² of these rows, (…, b, m)
+        row[..., r0:r0 + block].mul_(beta2).add_(sq.mean(-1), alpha=1 - beta2)
+        col_sum.add_(sq.sum(-2))
+        del sq
+    col.mul_(beta2).add_(col_sum.div_(n), alpha=1 - beta2)
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    row_mean = row.mean(-1, keepdim=True)
+    for r0 in range(0, n, block):
+        v = (row[..., r0:r0 + block] / row_mean).unsqueeze(-1) * col.unsqueeze(-2)  # rank-1 v̂ of these rows
+        denom = v.div_(bc2).sqrt_().add_(eps)
+        delta = module.lifted(exp_avg[..., r0:r0 + block, :, :]).div_(denom).mul_(-lr / bc1)
+        module.apply_delta_rows(delta, decay, step, r0)
+        del v, denom, delta
 
 
 class MemwrapOptimizer(torch.optim.Optimizer):
@@ -212,11 +239,15 @@ class MemwrapOptimizer(torch.optim.Optimizer):
                 state = {k: local(v) for k, v in self.state[p].items()}  # the local shards under FSDP2
                 g = local(p.grad).float()
                 step = int(state["step"].add_(1).item())
+                rows = _sharded_rows(p)
                 if group["kind"] == "adamw":
                     update = _subspace_adamw_update(module, g, state, lr, beta1, beta2, eps, step)
-                else:
-                    update = _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, _sharded_rows(p))
-                module.apply_delta(update, 1.0 - lr * wd, step)
+                    module.merge(update, 1.0 - lr * wd, step)  # lifted a block of rows at a time
+                elif rows is None:  # a block of rows at a time
+                    _projfactor_step(module, g, state, lr, beta1, beta2, eps, step, 1.0 - lr * wd)
+                else:  # rows sharded over ranks (FSDP2: the means are all-reduced): whole
+                    update = _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, rows)
+                    module.apply_delta(update, 1.0 - lr * wd, step)
                 self._refresh(module, state, step, group)
                 if id(p) not in self._release_tried:  # coords stay zero under this optimizer: keep only their grad
                     self._release_tried.add(id(p))

@@ -1,4 +1,11 @@
-"""Predicted vs measured memory of a wrapped model, checked once after its first training step.
+"""Predicted vs measured memory of a wrapped model: its parts after the first training step, and the phases of the
+first step that has optimizer states (the steady state the plan's peak is).
+
+Phases: a plan from a budget carries the simulated peak after each phase of its steady-state step (`plan.phases`).
+The second training step (the first whose forward and backward run beside the optimizer states) is measured the
+same way: on a GPU max_memory_allocated (and max_memory_reserved) with the peak reset at the step's start; on a CPU
+the live storage bytes (memwrap.planning.simulate.LiveBytes, the simulator's own meter, for that one step). A phase
+more than 10% above its prediction warns once, naming the phase. `memwrap.report(model)` prints both.
 
 A plan made from a budget predicts the peak as named parts, for batch_size × seq_len tokens. After the first training
 step memwrap measures what it can: on a GPU the peak allocated since the first training forward
@@ -38,14 +45,28 @@ class Monitor:
         self._unit = units[0] if units else None  # its step counter says when the first optimizer step has merged
         self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                          model.register_forward_hook(self._after_forward)]
+        self.phases: dict[str, int] = {}  # measured peak after each phase of the steady-state step
+        self.reserved: int | None = None  # on a GPU: max_memory_reserved over that step
+        self._phase_live = None  # on a CPU: the LiveBytes meter of that step
+        self._phase_handles: list = []
+        self._phase_state = None  # None, "forward" (the step is being measured), "done"
 
     def remove(self) -> None:
-        for h in self._handles:
+        for h in self._handles + self._phase_handles:
             h.remove()
-        self._handles = []
+        self._handles, self._phase_handles = [], []
         if self._meter is not None:  # a forward that raised: leave no hook behind
             self._meter.__exit__(None, None, None)
             self._meter = None
+        self._stop_live()
+
+    def _stop_live(self) -> None:
+        live, self._phase_live = self._phase_live, None
+        if live is not None:
+            from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+            if _get_current_dispatch_mode() is live:  # only ours, innermost: never pop a mode the user entered since
+                live.__exit__(None, None, None)
 
     def _training(self, model) -> bool:
         return model.training and torch.is_grad_enabled()
@@ -61,14 +82,80 @@ class Monitor:
                 self._cuda = device
                 torch.cuda.reset_peak_memory_stats(device)
             self._meter = SavedTensorMeter(model).__enter__()
-        elif self._unit is not None and self._unit.steps > 0:  # the first optimizer step is done (accumulation too)
+        elif self._unit is not None and self._unit.steps > 0 and not self.checked:  # the first step is done
             self.check(model)
+            if self._handles and not self._start_phases(model):  # nothing to measure phase by phase
+                self.remove()
 
     def _after_forward(self, model, args, output):
         if self._meter is not None:
             self._meter.__exit__(None, None, None)
             self.measured["saved activations"] = self._meter.bytes
             self._meter = None
+        if self._phase_state == "forward":
+            self.phases["forward"] = max(self.phases.get("forward", 0), self._read())
+
+    # ---- the steady-state step, phase by phase ------------------------------------------------------------------
+    def _read(self) -> int:
+        if self._cuda is not None:
+            return torch.cuda.max_memory_allocated(self._cuda)
+        return self._phase_live.peak if self._phase_live is not None else 0
+
+    def _start_phases(self, model) -> bool:
+        optimizers = [opt for opt, link in list(merge._LINKS.items()) if link.holds_coords]
+        if not self.plan.phases or not optimizers:
+            return False
+        if self._cuda is not None:
+            torch.cuda.reset_peak_memory_stats(self._cuda)
+        else:
+            from .simulate import LiveBytes
+
+            live = LiveBytes()
+            states = [t for opt in optimizers for st in opt.state.values() for t in st.values()
+                      if isinstance(t, torch.Tensor)]
+            live.add(list(model.parameters()) + list(model.buffers()) + states)
+            live.reset_peak()
+            self._phase_live = live.__enter__()
+        self._phase_state = "forward"
+        for opt in optimizers:
+            self._phase_handles += [opt.register_step_pre_hook(self._before_step),
+                                    opt.register_step_post_hook(self._after_step)]
+        return True
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        if self._phase_state == "forward":
+            self.phases["backward"] = self._read()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._phase_state != "forward":
+            return
+        self.phases["optimizer"] = self._read()
+        if self._cuda is not None:
+            self.reserved = torch.cuda.max_memory_reserved(self._cuda)
+        self._phase_state = "done"
+        self.remove()
+        self._check_phases()
+
+    def predicted_phases(self) -> dict[str, int]:
+        """The plan's simulated steady-state phases, scaled like its activations to the tokens the run used."""
+        predicted = dict(self.plan.phases)
+        planned = (self.plan.batch_size or 0) * (self.plan.seq_len or 0)
+        acts = dict(self.plan.memory).get("saved activations", 0)
+        if self.tokens and planned and acts:
+            shift = acts * self.tokens // planned - acts
+            predicted = {k: v + shift for k, v in predicted.items()}
+        return predicted
+
+    def _check_phases(self) -> None:
+        predicted = self.predicted_phases()
+        off = [(p, got, predicted[p]) for p, got in self.phases.items()
+               if predicted.get(p) and got > (1 + TOLERANCE) * predicted[p]]
+        if off:
+            phase, got, want = max(off, key=lambda t: t[1] / t[2])
+            warnings.warn(f"memwrap: in the first step with optimizer states the {phase} phase peaked at "
+                          f"{got / 1e9:.3f} GB, the plan predicted {want / 1e9:.3f} GB ({got / want - 1:+.0%}); "
+                          "memwrap.report(model) shows each phase. The batch, the sequence length or the training "
+                          "loop may differ from the plan's.", stacklevel=4)
 
     def predicted_at_run_tokens(self) -> dict[str, int]:
         """The plan's parts, its saved activations scaled from the planned tokens to those of the first step."""
@@ -112,7 +199,10 @@ class Monitor:
             self.remove()
             return
         predicted = self.predicted_at_run_tokens()
-        if "peak" in self.measured:
+        if "peak" in self.measured and self.plan.phases:  # the steady-state step's phases are checked instead
+            got = want = 0
+            what = ""
+        elif "peak" in self.measured:
             got, want, what = self.measured["peak"], predicted.get("peak", 0), "peak (max_memory_allocated)"
         else:
             got = sum(self.measured.get(k, 0) for k in COMPARED)
@@ -123,7 +213,8 @@ class Monitor:
                           f"{want / 1e9:.3f} GB ({got / want - 1:+.0%}); memwrap.report(model) shows each part. The "
                           "batch or sequence length may differ from the plan's, or the model from the formulas.",
                           stacklevel=3)
-        self.remove()
+        self._handles[0].remove()  # the pre-forward hook's work is done; the forward hook stays for the phases
+        self._handles = self._handles[1:]
 
 
 def report(model: nn.Module, monitor: Monitor | None, plan) -> str:
@@ -141,7 +232,19 @@ def report(model: nn.Module, monitor: Monitor | None, plan) -> str:
         ratio = f"{got / want:.2f}" if got is not None and want else "-"
         lines.append(f"{part:<22}{want / 1e9:>14.3f}{'-' if got is None else f'{got / 1e9:.3f}':>14}{ratio:>8}")
     if "peak" not in measured:
-        lines.append("(on a CPU the peak is not measured here; measured parts are those that live through a step)")
+        lines.append("(measured parts are those that live through a step; the peak is measured phase by phase below)")
+    if plan.phases:
+        want = monitor.predicted_phases() if monitor is not None else dict(plan.phases)
+        got = dict(monitor.phases) if monitor is not None else {}
+        lines += ["", f"{'steady-state step':<22}{'predicted GB':>14}{'measured GB':>14}{'ratio':>8}"]
+        for phase, w in want.items():
+            g = got.get(phase)
+            lines.append(f"{'after ' + phase:<22}{w / 1e9:>14.3f}{'-' if g is None else f'{g / 1e9:.3f}':>14}"
+                         f"{f'{g / w:.2f}' if g is not None and w else '-':>8}")
+        if monitor is not None and monitor.reserved is not None:
+            lines.append(f"{'reserved (allocator)':<22}{'':>14}{monitor.reserved / 1e9:>14.3f}")
+        if not got:
+            lines.append("(measured in the first training step that has optimizer states, the second)")
     return "\n".join(lines)
 
 

@@ -521,6 +521,7 @@ def settle(make, run, budget_bytes: int, device, source: str, *, zero=None, veri
         res = card.reserves(steady, device, source)
         total = steady + sum(res.values())
         if total <= budget_bytes:
+            p = replace(p, phases=tuple(sim.steps[-1].items()))
             return _with_reserves(p, steady, res, f"peak: the steady-state step (step 2 on) simulated on fake tensors; "
                                                   f"the byte model said {_fmt_bytes(dict(p.memory)['peak'])}")
         analytic -= total - budget_bytes + budget_bytes // 200  # what the byte model missed, and 0.5% to spare
