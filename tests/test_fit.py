@@ -146,7 +146,8 @@ def test_quality_first_never_finer_than_the_floor_while_checkpointing_everything
 
 def test_llama_2_7b_at_24_gb_fits_by_itself_at_no_finer_than_1_32():
     plan = memwrap.plan("llama-2-7b", budget_gb=24, batch_size=8, seq_len=2048)
-    assert dict(plan.memory)["peak"] <= 24e9
+    parts = dict(plan.memory)  # the card: the simulated steady-state peak, the CUDA context, the allocator headroom
+    assert parts["peak"] + parts["cuda context"] + parts["allocator headroom"] <= 24e9
     assert min(lp.c * lp.r / lp.in_features for lp in plan.layers) >= 1 / 32
     assert not any(w in n.lower() for n in plan.notes for w in ACT_WORDS)
     assert plan.optimizer in ("adamw", "projfactor") and plan.step_time_overhead is not None

@@ -58,7 +58,7 @@ def _plan_at_level(level):
     for _ in range(30):
         mid = (lo + hi) / 2
         try:
-            plan = planner.plan("llama-2-7b", budget_gb=mid, batch_size=1, seq_len=512)
+            plan = planner.plan("llama-2-7b", budget_gb=mid, batch_size=1, seq_len=512, verify=False)  # the notes' logic
         except BudgetTooSmallError:
             lo = mid
             continue
