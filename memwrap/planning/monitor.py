@@ -26,6 +26,7 @@ from ..compress import merge
 from .measure import SavedTensorMeter, optimizer_state_bytes, storage_bytes
 
 TOLERANCE = 0.10
+PHASE_FORWARDS = 64  # training forwards (gradient accumulation) the steady-state step may take before its optimizer step
 COMPARED = ("weights", "optimizer states", "saved activations")  # the parts a CPU run can measure through a step
 TOKEN_PARTS = ("saved activations", "logits", "largest transient")  # predicted parts that scale with the tokens
 
@@ -50,6 +51,7 @@ class Monitor:
         self._phase_live = None  # on a CPU: the LiveBytes meter of that step
         self._phase_handles: list = []
         self._phase_state = None  # None, "forward" (the step is being measured), "done"
+        self._phase_from = 0
 
     def remove(self) -> None:
         for h in self._handles + self._phase_handles:
@@ -75,6 +77,9 @@ class Monitor:
         if not self._training(model):
             return
         self._forwards += 1
+        if self._phase_state == "forward" and self._forwards > self._phase_from + PHASE_FORWARDS:
+            self.remove()  # no optimizer step came (an unusual loop): stop measuring rather than meter on forever
+            return
         if self._forwards == 1:  # the first training forward: measure what it saves
             self.tokens = _tokens(args, kwargs)
             device = next(model.parameters()).device
@@ -117,6 +122,7 @@ class Monitor:
             live.reset_peak()
             self._phase_live = live.__enter__()
         self._phase_state = "forward"
+        self._phase_from = self._forwards
         for opt in optimizers:
             self._phase_handles += [opt.register_step_pre_hook(self._before_step),
                                     opt.register_step_post_hook(self._after_step)]
