@@ -503,13 +503,21 @@ def settle(make, run, budget_bytes: int, device, source: str, *, zero=None, veri
         p = make(analytic)
         note = "peak from the byte model (not simulated" + (": DeepSpeed ZeRO)" if zero is not None else ")")
         return _with_reserves(p, dict(p.memory)["peak"], card.reserves(dict(p.memory)["peak"], device, source), note)
+    total = None  # the last plan's simulated steady-state step plus reserves
     for _ in range(VERIFY_ROUNDS):
         try:
             p = make(analytic)
         except BudgetTooSmallError as e:
-            raise BudgetTooSmallError(f"{e} (after reserving the CUDA context and allocator headroom, and the steady "
-                                      "state of the step as simulated)", min_budget_bytes=e.min_budget_bytes,
-                                      max_batch_size=e.max_batch_size) from None
+            if total is None:  # the byte model alone: nothing fits (after the card's reserves, where they apply)
+                if not first:
+                    raise
+                raise BudgetTooSmallError(f"{e} (after reserving the CUDA context and allocator headroom)",
+                                          min_budget_bytes=e.min_budget_bytes, max_batch_size=e.max_batch_size) from None
+            raise BudgetTooSmallError(
+                f"nothing fits a budget of {_fmt_bytes(budget_bytes)}: the closest plan's steady-state training step, "
+                f"simulated, needs {_fmt_bytes(total)}" + (" with the CUDA context and allocator headroom" if first else "")
+                + " (the byte model alone said it fits); use a smaller batch or sequence, or a larger budget.",
+                min_budget_bytes=int(total), max_batch_size=None) from None
         try:
             sim = run(p)
         except Exception as e:  # noqa: BLE001 - a model the simulator cannot run keeps the byte model's peak

@@ -239,6 +239,9 @@ def run_plan(model_or_config, plan, *, batch_size: int, seq_len: int, steps: int
     if vocab is None:
         raise InvalidSettingsError(f"{type(model).__name__} has no config.vocab_size: memwrap.simulate runs models that "
                                    "take input_ids and labels (transformers causal or masked LMs).")
+    for module in model.modules():  # a hub-kernelized model re-kernelizes on train(); `kernels` refuses meta tensors
+        if module.__dict__.get("_use_kernels"):
+            module._use_kernels = False  # (on this meta copy only: its layers keep the forwards they were given)
     _route_attention(model)
     if not plain:
         inject.check_plan_against_model(model, plan)
