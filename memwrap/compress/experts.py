@@ -106,6 +106,9 @@ def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> t
             return F.grouped_mm(a, b, offs=offs)
         except (RuntimeError, NotImplementedError):
             pass
+    if a.device.type == "meta":  # (memwrap.simulate) the fallback's output bytes; there are no counts to split by
+        shape = (a.shape[0], b.shape[-1]) if b.dim() == 3 else (offs.shape[0], a.shape[0], b.shape[-1])
+        return a.new_zeros(shape)
     bounds = [0] + offs.tolist()
     if b.dim() == 3:
         out = a.new_zeros(a.shape[0], b.shape[-1])
