@@ -250,16 +250,16 @@ def simulate(model_or_config, plan=None, *, batch_size: int | None = None, seq_l
     from .config import Plan, WrapConfig
     from .planning import planner
     from .planning.estimate import dtype_from_name
-    from .planning.simulate import meta_model_of, run_plan
+    from .planning.simulate import check_arguments, run_plan
 
+    name, _ = check_arguments(model_or_config, plan, steps, dtype, optimizer)  # before anything is planned
     if isinstance(plan, str) and plan == "plain":
         the_plan = plan
     elif plan is None:
         if isinstance(model_or_config, str | os.PathLike):
             the_plan = planner.plan(os.fspath(model_or_config), budget_gb=budget_gb, batch_size=batch_size,
-                                    seq_len=seq_len, dtype=dtype or "bf16")
+                                    seq_len=seq_len, dtype=name)
         else:  # planning reads the model without changing it, as wrap(budget_gb=...) would
-            _, name = meta_model_of(model_or_config, dtype)
             the_plan = planner.plan_for_model(model_or_config, WrapConfig(), budget_gb=budget_gb,
                                               batch_size=batch_size, seq_len=seq_len,
                                               dtype_bytes=dtype_from_name(name)[1])

@@ -75,6 +75,10 @@ def test_bad_input_is_refused_before_anything_runs():
     for bad in (dict(steps=0), dict(optimizer="sgd")):
         with pytest.raises(InvalidSettingsError):
             memwrap.simulate("llama-2-7b", "plain", **bad)
+        with pytest.raises(InvalidSettingsError):  # refused before a plan is made (budget_gb=1 fits nothing)
+            memwrap.simulate("llama-2-7b", budget_gb=1, **bad)
+    with pytest.raises(InvalidSettingsError, match="'cuda'"):
+        memwrap.plan("llama-2-7b", budget_gb=24, device="gpu")
     model = bf16("llama")
     memwrap.wrap(model, rank=4, granularity=2)
     with pytest.raises(InvalidSettingsError, match="before wrap"):

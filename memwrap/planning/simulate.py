@@ -196,10 +196,15 @@ def _meta_twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def meta_model_of(model_or_config, dtype: str | None) -> tuple[nn.Module, str]:
-    """A meta copy of the model (or the model built from a config on the meta device) and its dtype name."""
-    from .estimate import dtype_from_name, load_config, meta_model
-
+def check_arguments(model_or_config, plan, steps, dtype: str | None, optimizer: str | None) -> tuple[str, str]:
+    """InvalidSettingsError for what a simulation cannot take, before anything is planned or built; returns
+    (the dtype name the run uses, the optimizer kind)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InvalidSettingsError(f"steps={steps!r} must be a positive integer (3 shows the steady state).")
+    plain = isinstance(plan, str) and plan == "plain"
+    kind = optimizer or ("adamw" if plain else "memwrap")
+    if kind not in ("adamw", "memwrap"):
+        raise InvalidSettingsError(f"optimizer={optimizer!r}: use 'memwrap' or 'adamw'.")
     if isinstance(model_or_config, nn.Module):
         from ..compress.inject import STATE_ATTR
 
@@ -209,15 +214,22 @@ def meta_model_of(model_or_config, dtype: str | None) -> tuple[nn.Module, str]:
         param = next(model_or_config.parameters(), None)
         name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
             param.dtype if param is not None else torch.float32, "fp32")
-        return _meta_twin(model_or_config), dtype or name
+        return dtype or name, kind
     if not isinstance(model_or_config, str | os.PathLike):
         raise InvalidSettingsError(f"memwrap.simulate takes a model, a model name (e.g. 'llama-2-7b'), a config.json or "
                                    f"a model directory; got {type(model_or_config).__name__}.")
-    dtype = dtype or "bf16"
-    torch_dtype, _ = dtype_from_name(dtype)
+    return dtype or "bf16", kind
+
+
+def meta_model_of(model_or_config, dtype: str) -> nn.Module:
+    """A meta copy of the model, or the model built from a config on the meta device in `dtype`."""
+    from .estimate import dtype_from_name, load_config, meta_model
+
+    if isinstance(model_or_config, nn.Module):
+        return _meta_twin(model_or_config)
     config = load_config(os.fspath(model_or_config))
     config._attn_implementation = "sdpa"  # what a GPU run loads by default
-    return meta_model(config).to(torch_dtype), dtype
+    return meta_model(config).to(dtype_from_name(dtype)[0])
 
 
 def run_plan(model_or_config, plan, *, batch_size: int, seq_len: int, steps: int = 3, dtype: str | None = None,
@@ -228,13 +240,9 @@ def run_plan(model_or_config, plan, *, batch_size: int, seq_len: int, steps: int
     from ..config import WrapConfig
     from ..optim import MemwrapOptimizer
 
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise InvalidSettingsError(f"steps={steps!r} must be a positive integer (3 shows the steady state).")
+    dtype, kind = check_arguments(model_or_config, plan, steps, dtype, optimizer)
     plain = isinstance(plan, str) and plan == "plain"
-    kind = optimizer or ("adamw" if plain else "memwrap")
-    if kind not in ("adamw", "memwrap"):
-        raise InvalidSettingsError(f"optimizer={optimizer!r}: use 'memwrap' or 'adamw'.")
-    model, dtype = meta_model_of(model_or_config, dtype)
+    model = meta_model_of(model_or_config, dtype)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None:
         raise InvalidSettingsError(f"{type(model).__name__} has no config.vocab_size: memwrap.simulate runs models that "
