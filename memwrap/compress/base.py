@@ -350,12 +350,14 @@ class CompressedWeight:
             return self.group.compress(x, dtype, live=self.__dict__.get("_p_live"))
         return self.group.compress(x, dtype, self.refresh_index)
 
-    def precheck(self) -> None:
+    def precheck(self) -> bool:
         """From the wrapped model's pre-forward hook, on the host, outside any compiled region: the checks of
-        `check_pending` and the P a compiled forward reads; the layer's own forward then skips its check."""
-        self._check()
+        `check_pending` and the P a compiled forward reads; the layer's own forward then skips its check. True when
+        this forward is one that checks the coords' values: the hook checks every such weight at once."""
+        due = self._check(defer=True)
         self.sync_live()
         self._prechecked = True
+        return due
 
     def claim(self, optimizer, grad: torch.Tensor) -> bool:
         """False when another optimizer already merged this very gradient (a wrapper and the optimizer it wraps)."""
@@ -364,17 +366,6 @@ class CompressedWeight:
             return False
         self._claim = key
         return True
-
-    def merge_step(self, p: torch.Tensor, decay: float) -> torch.Tensor | None:
-        """After an optimizer step on coords `p`: W ← W·decay + lift(p), p ← 0, count the step, refresh P when due.
-
-        Returns the r × r transfer when P changed (the caller carries the optimizer's first moment with it)."""
-        self.steps += 1
-        self.merge(self._pending(p), decay, self.steps)
-        local(p).zero_()
-        self._base = None
-        self._merged = (id(p), p._version)
-        return self.advance(self.steps)
 
     def _pending(self, p: torch.Tensor) -> torch.Tensor:
         """What coords hold that W does not have yet: all of it, or what changed since an external write was merged."""
@@ -398,7 +389,7 @@ class CompressedWeight:
         self._check()
 
     @torch.no_grad()
-    def _check(self) -> None:
+    def _check(self, defer: bool = False) -> bool:
         if not self._engine_checked:
             self.check_engine()
         p = self.coords
@@ -412,10 +403,18 @@ class CompressedWeight:
                 self._base = local(p.detach()).clone()
                 self.advance(self.steps)
             self._merged = self._seen = key
-            return
+            return False
         self._forwards += 1
-        if (self._forwards in self.DATA_WRITE_CHECKS or self._forwards % 256 == 0) \
-                and torch.count_nonzero(local(self._pending(p))):
+        if not (self._forwards in self.DATA_WRITE_CHECKS or self._forwards % 256 == 0):
+            return False
+        if defer:
+            return True
+        self.raise_if_unmerged()
+        return False
+
+    def raise_if_unmerged(self) -> None:
+        """UnmergedUpdateError when coords hold an update that no merge saw (one host read)."""
+        if torch.count_nonzero(local(self._pending(self.coords))):
             raise UnmergedUpdateError(
                 f"the coords of wrapped layer {self.layer_name!r} hold an update that nothing merged into its weight: "
                 "they were written in a way autograd's version counter does not see (through `.data`, or a kernel that "
@@ -449,6 +448,53 @@ class PreForwardCheck:
             cls.__call__ = torch.compiler.disable(cls._precheck)
 
     def _precheck(self, module, args) -> None:
-        for unit in self.units:
-            unit.precheck()
+        """The checks of every weight. At the forwards that check the coords' values (2, 16, then every 256) one
+        device flag covers every weight; the next optimizer step reads it together with its non-finite flag (one host
+        read: memwrap.compress.merge.nonfinite_check), or, when no step read it, the next forward does."""
+        due = [unit for unit in self.units if unit.precheck()]
+        with torch.no_grad():
+            settle_unmerged_checks(self.units)
+            flag = _all_zero([local(u._pending(u.coords)) for u in due])
+            if flag is not None:
+                for unit in due:
+                    unit._unmerged_check = flag
+
+
+def take_unmerged_checks(units) -> torch.Tensor | None:
+    """The device flags of the coords-value checks not read yet (True: nothing unmerged), combined; they are consumed."""
+    flags = {}
+    for unit in units:
+        flag = unit.__dict__.pop("_unmerged_check", None)
+        if flag is not None:
+            flags[id(flag)] = flag
+    if not flags:
+        return None
+    flags = list(flags.values())
+    return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+
+
+def raise_unmerged(units) -> None:
+    for unit in units:
+        unit.raise_if_unmerged()
+
+
+def settle_unmerged_checks(units) -> None:
+    """Read the checks no optimizer step read (one host read) and raise UnmergedUpdateError if one failed."""
+    flag = take_unmerged_checks(units)
+    if flag is not None and not bool(flag):
+        raise_unmerged(units)
+
+
+def _all_zero(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One bool tensor: every element of every tensor is zero (a max-abs per device and dtype, then one flag); None
+    when there is nothing to check (no tensors, or only empty ones: coords a ZeRO engine partitioned away)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return None
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    device = tensors[0].device
+    flags = [torch.stack(torch._foreach_norm(ts, ord=math.inf)).eq(0).all().to(device) for ts in groups.values()]
+    return torch.stack(flags).all() if len(flags) > 1 else flags[0]
 

@@ -37,7 +37,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import NonFiniteError, OptimizerBeforeWrapError
-from .base import CompressedWeight, local, materialize
+from . import grouped
+from .base import CompressedWeight, local, materialize, raise_unmerged, take_unmerged_checks
 
 _UNITS: weakref.WeakSet = weakref.WeakSet()  # every live compressed weight (linear or experts)
 _GLOBAL_HOOK = None  # the discovery pre-hook's handle while any compressed weight is alive
@@ -75,12 +76,24 @@ def nonfinite_check(optimizer, held: list[tuple[torch.Tensor, CompressedWeight]]
 
     held: (coords, its layer) for every coords with a gradient. The layers' policy (memwrap.wrap(nonfinite=...)):
     "skip" (a step with a non-finite coords gradient is skipped whole, counted, and warned about), "raise"
-    (NonFiniteError naming the first such layer, before anything changed), "ignore". One host sync per step."""
+    (NonFiniteError naming the first such layer, before anything changed), "ignore". One host sync per step, which
+    also reads the flag of the forward's check for coords written behind autograd's back (UnmergedUpdateError)."""
     if not held:
         return True
-    policy = _policy(u for _, u in held)
-    if policy == "ignore" or bool(_all_finite([p.grad for p, _ in held])):
+    units = [u for _, u in held]
+    unmerged = take_unmerged_checks(units)  # the coords-value checks of this step's forward (2, 16, every 256)
+    policy = _policy(units)
+    if policy == "ignore":
+        if unmerged is not None and not bool(unmerged):
+            raise_unmerged(units)
         return True
+    ok = _all_finite([p.grad for p, _ in held])
+    if unmerged is not None:
+        ok = torch.stack([ok, unmerged.to(ok.device)]).all()
+    if bool(ok):  # the one host read of a step
+        return True
+    if unmerged is not None and not bool(unmerged):
+        raise_unmerged(units)
     bad = next((u.layer_name for p, u in held if not bool(local(p.grad).isfinite().all())), "?")
     if policy == "raise":
         raise NonFiniteError(
@@ -183,6 +196,24 @@ def carry(state_tensor: torch.Tensor, t: torch.Tensor) -> None:
     """In place: subspace coordinates (…, r) under the old P -> the nearest ones under the new P."""
     loc = local(state_tensor)
     loc.copy_((loc.float() @ t.to(loc.device)).to(loc.dtype))
+
+
+def carry_many(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """`carry` for many (state tensor, T) pairs at once: those of one shape, dtype and device in one batched matmul."""
+    groups: dict[tuple, list] = {}
+    for state_tensor, t in pairs:
+        loc = local(state_tensor)
+        groups.setdefault((tuple(loc.shape), loc.dtype, loc.device), []).append((loc, t))
+    for (shape, dtype, device), items in groups.items():
+        if len(items) == 1:
+            carry(*items[0])
+            continue
+        locs = [loc for loc, _ in items]
+        x = torch.empty((len(locs), *shape), dtype=torch.float32, device=device)
+        torch.stack(locs, out=x)
+        ts = torch.stack([t for _, t in items]).to(device)
+        moved = torch.bmm(x.view(len(locs), -1, shape[-1]), ts)
+        torch._foreach_copy_(locs, list(moved.view(len(locs), *shape).unbind(0)))
 
 
 def carry_first_moment(optimizer, p: torch.Tensor, t: torch.Tensor) -> None:
@@ -472,14 +503,36 @@ def _after_step(optimizer, args, kwargs) -> None:
     by_coords = layers_by_coords()
     moments = link.moments() if link.moments is not None else optimizer
     for group in optimizer.param_groups:
-        decay = None
+        pairs = []
         for p in group["params"]:
             unit = by_coords.get(id(p))
             if unit is None or p.grad is None:
                 continue  # not a compressed weight, or skipped by the optimizer: no merge, no decay, no count
             if not unit.claim(optimizer, p.grad):
                 continue  # the same gradient was merged by another optimizer (a wrapper and the one it wraps)
-            decay = _decay(optimizer, group) if decay is None else decay
-            t = unit.merge_step(p, decay)
-            if t is not None:
+            pairs.append((p, unit))
+        if pairs:
+            for p, t in merge_steps(pairs, _decay(optimizer, group)):
                 carry_first_moment(moments, p, t)
+
+
+def merge_steps(pairs: list[tuple[torch.Tensor, CompressedWeight]], decay: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """After an optimizer step on coords: for every (coords p, its weight), W ← W·decay + lift(p), p ← 0, the step
+    counted, P refreshed when due; grouped by shape (memwrap.compress.grouped), so the kernels do not grow with depth.
+
+    Returns (p, T) for every weight whose P changed (the caller carries the optimizer's first moment with T)."""
+    by_step: dict[int, list] = {}
+    for p, unit in pairs:
+        unit.steps += 1
+        by_step.setdefault(unit.steps, []).append((p, unit))
+    for step, items in by_step.items():
+        grouped.merge_many([u for _, u in items], [u._pending(p) for p, u in items], decay, step)
+    torch._foreach_zero_([local(p) for p, _ in pairs])
+    moved = []
+    for p, unit in pairs:
+        unit._base = None
+        unit._merged = (id(p), p._version)
+        t = unit.advance(unit.steps)
+        if t is not None:
+            moved.append((p, t))
+    return moved

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..compress import merge
+from ..compress import grouped, merge
 from ..compress.base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, local, release
 from ..errors import InvalidSettingsError
 
@@ -55,33 +55,41 @@ def _check_hparams(lr, betas, eps, weight_decay, kind):
         raise InvalidSettingsError(f"kind={kind!r} is unknown; use one of {', '.join(OPTIMIZER_KINDS)}.")
 
 
-def _adamw_step(p, g, state, lr, beta1, beta2, eps, wd):
-    """torch.optim.AdamW's single-tensor math, a block of rows at a time: its one temporary (the denominator) stays
-    within MERGE_CHUNK_BYTES however large the parameter (an embedding, an lm_head)."""
-    step = state["step"].add_(1).item()
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+def _adamw_many(params, grads, states, lr, beta1, beta2, eps, wd, step) -> None:
+    """torch.optim.AdamW's math over many parameters at one step count, with foreach ops; its one temporary (the
+    denominator) stays within MERGE_CHUNK_BYTES however large the parameters (a big one is taken a block of rows at a
+    time). Parameters, gradients and states are local tensors of one device."""
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    rows = p.shape[0] if p.ndim else 1
-    per_row = max(1, p.numel() // max(rows, 1)) * exp_avg_sq.element_size()
-    block = max(1, MERGE_CHUNK_BYTES // per_row) if p.ndim else 1
-    for r0 in range(0, rows, block):
-        sl = (slice(r0, r0 + block),) if p.ndim else ()
-        pp, gg, m, v = p[sl], g[sl].to(exp_avg.dtype), exp_avg[sl], exp_avg_sq[sl]  # state keeps its dtype after a cast
-        pp.mul_(1 - lr * wd)
-        m.lerp_(gg, 1 - beta1)
-        v.mul_(beta2).addcmul_(gg, gg, value=1 - beta2)
-        denom = v.sqrt().div_(math.sqrt(bc2)).add_(eps)
-        pp.addcdiv_(m, denom, value=-lr / bc1)
-
-
-def _subspace_adamw_update(module, g, state, lr, beta1, beta2, eps, step) -> torch.Tensor:
-    """The update in the subspace, (…, n, c, r): `module.merge` lifts it into W a block of rows at a time."""
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    u = exp_avg.float() / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)  # (…, n, c, r)
-    return u.mul_(-lr / bc1)
+    entries = []  # (param, grad, exp_avg, exp_avg_sq) blocks
+    for p, g, state in zip(params, grads, states, strict=True):
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        rows = p.shape[0] if p.ndim else 1
+        per_row = max(1, p.numel() // max(rows, 1)) * v.element_size()
+        block = max(1, MERGE_CHUNK_BYTES // per_row) if p.ndim else 1
+        for r0 in range(0, rows, block):
+            sl = (slice(r0, r0 + block),) if p.ndim else ()
+            entries.append((p[sl], g[sl], m[sl], v[sl], p[sl].numel() * v.element_size()))
+    wave, size = [], 0
+    for entry in entries + [None]:
+        if entry is None or (wave and size + entry[4] > MERGE_CHUNK_BYTES):
+            if wave:
+                ps, gs, ms, vs = ([e[i] for e in wave] for i in range(4))
+                if any(g.dtype != m.dtype for g, m in zip(gs, ms, strict=True)):  # state keeps its dtype after a cast
+                    gs = [g.to(m.dtype) for g, m in zip(gs, ms, strict=True)]
+                if lr * wd:
+                    torch._foreach_mul_(ps, 1 - lr * wd)
+                torch._foreach_lerp_(ms, gs, 1 - beta1)
+                torch._foreach_mul_(vs, beta2)
+                torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+                denom = torch._foreach_sqrt(vs)
+                torch._foreach_div_(denom, math.sqrt(bc2))
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(ps, ms, denom, value=-lr / bc1)
+                del denom
+            wave, size = [], 0
+        if entry is not None:
+            wave.append(entry)
+            size += entry[4]
 
 
 def _row_mean(t: torch.Tensor, dim: int, rows=None, keepdim: bool = False) -> torch.Tensor:
@@ -95,8 +103,9 @@ def _row_mean(t: torch.Tensor, dim: int, rows=None, keepdim: bool = False) -> to
 
 
 def _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, rows=None) -> torch.Tensor:
+    """ProjFactor's update of one weight (first moment already updated), whole: for weights whose rows FSDP2 shards,
+    where the means over rows are all-reduced."""
     exp_avg, row, col = state["exp_avg"], state["v_row"], state["v_col"]
-    exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
     sq = module.lifted(g).square_().add_(1e-30)  # Ĝ², (…, n, m)
     row.mul_(beta2).add_(sq.mean(-1), alpha=1 - beta2)  # (…, n)
     col.mul_(beta2).add_(_row_mean(sq, -2, rows), alpha=1 - beta2)  # (…, m)
@@ -107,30 +116,114 @@ def _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, rows=None)
     return module.lifted(exp_avg).div_(denom).mul_(-lr / bc1)
 
 
-def _projfactor_step(module, g, state, lr, beta1, beta2, eps, step, decay) -> None:
-    """ProjFactor's update merged into W a block of rows at a time (every expert of a fused weight together), so its
-    weight-shaped temporaries (Ĝ², v̂, the lifted moment: fp32) stay within MERGE_CHUNK_BYTES however large the weight.
-    Two passes: the second-moment factors need every row (the column factor is a mean over them), then the update."""
-    exp_avg, row, col = state["exp_avg"], state["v_row"], state["v_col"]
-    *lead, n, _, _ = g.shape
-    width = module.in_features * max(1, math.prod(lead))  # elements of one row, across the experts
-    block = max(1, MERGE_CHUNK_BYTES // (width * MERGE_BYTES_PER_ELEMENT))
-    exp_avg.lerp_(g.to(exp_avg.dtype), 1 - beta1)
-    col_sum = torch.zeros_like(col)
-    for r0 in range(0, n, block):
-        sq = module.lifted(g[..., r0:r0 + block, :, :]).square_().add_(1e-30)  # Ĝ² of these rows, (…, b, m)
-        row[..., r0:r0 + block].mul_(beta2).add_(sq.mean(-1), alpha=1 - beta2)
-        col_sum.add_(sq.sum(-2))
-        del sq
-    col.mul_(beta2).add_(col_sum.div_(n), alpha=1 - beta2)
+def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -> None:
+    """ProjFactor for many compressed weights at one step count (their first moments already updated), grouped by
+    shape (memwrap.compress.grouped): its weight-shaped temporaries (Ĝ², v̂, the lifted moment: fp32) are built a wave
+    at a time, within MERGE_CHUNK_BYTES. Two passes: the second-moment factors need every row (the column factor is a
+    mean over them), then the update, merged into W as it is made.
+
+    The rank-1 v̂ = (row / mean(row)) ⊗ col factors under the square root: the denominator of a block is
+    rs ⊗ cs + eps', with rs = sqrt(row / (mean(row) · bc2 · s²)), cs = sqrt(col), eps' = eps / s and s = lr / bc1, so
+    the update −s · lift(m) / (sqrt(v̂ / bc2) + eps) is −lift(m) / (rs ⊗ cs + eps'): the lift of the moment against −Pᵀ,
+    one division."""
+    buckets = grouped.buckets_of(units)
+    by_id = {id(u): (g, st) for u, g, st in zip(units, grads, states, strict=True)}
+    device = buckets[0].device
+    n_rows = [len(b) * b.experts * b.n for b in buckets]
+    n_cols = [len(b) * b.experts * b.m for b in buckets]
+    stats = torch.zeros(sum(n_rows) + sum(n_cols), dtype=torch.float32, device=device)  # this step's Ĝ² means
+    row_stats = _split(stats[:sum(n_rows)], n_rows, [(len(b), *b.lead, b.n) for b in buckets])
+    col_stats = _split(stats[sum(n_rows):], n_cols, [(len(b), *b.lead, b.m) for b in buckets])
+    where = {id(b): i for i, b in enumerate(buckets)}
+    for wave in grouped.waves_of(buckets):  # pass 1: the means of Ĝ² over columns (rows' factor) and rows (columns')
+        flat, ys = grouped.wave_buffer(wave)
+        for piece, y in zip(wave, ys, strict=True):
+            piece.lift([by_id[id(u)][0] for u in piece.bucket.units], y)
+        flat.square_()
+        for piece, y in zip(wave, ys, strict=True):
+            i = where[id(piece.bucket)]
+            torch.mean(y, -1, out=row_stats[i][piece.k0:piece.k1, ..., piece.r0:piece.r1])
+            if piece.r1 - piece.r0 == piece.bucket.n:
+                torch.mean(y, -2, out=col_stats[i][piece.k0:piece.k1])
+            else:
+                col_stats[i][piece.k0:piece.k1].add_(y.sum(-2), alpha=1 / piece.bucket.n)
+        del flat, ys
+    stats.add_(1e-30)
+    kept = [by_id[id(u)][1]["v_row"] for b in buckets for u in b.units] + \
+           [by_id[id(u)][1]["v_col"] for b in buckets for u in b.units]
+    moments = torch.cat([t.reshape(-1) for t in kept])  # every v_row, then every v_col: the layout of `stats`
+    moments.lerp_(stats, 1 - beta2)
+    torch._foreach_copy_(kept, [v.view(t.shape) for v, t in zip(_split(moments, [t.numel() for t in kept]), kept,
+                                                                      strict=True)])
+    scale = lr / (1 - beta1**step)
+    if scale == 0.0:
+        return  # lr = 0: the moments move, the weights do not (and decay = 1)
+    rows = _split(moments[:sum(n_rows)], n_rows, [(len(b), *b.lead, b.n) for b in buckets])
+    cs = torch.sqrt(moments[sum(n_rows):])
+    cols = _split(cs, n_cols, [(len(b), *b.lead, b.m) for b in buckets])
+    means = [r.mean(-1, keepdim=True) for r in rows]
+    torch._foreach_mul_(means, (1 - beta2**step) * scale * scale)
+    rs_flat = torch.empty(sum(n_rows), dtype=torch.float32, device=device)
+    rs = _split(rs_flat, n_rows, [r.shape for r in rows])
+    for r, mean, out in zip(rows, means, rs, strict=True):
+        torch.div(r, mean, out=out)
+    rs_flat.sqrt_()
+    del stats, moments, means
+    moment_of = {id(u): by_id[id(u)][1]["exp_avg"] for u in units}
+    for wave in grouped.waves_of(buckets):  # pass 2: the update, merged
+        flat, ys = grouped.wave_buffer(wave)
+        denom_flat, denoms = grouped.wave_buffer(wave)
+        for piece, y, denom in zip(wave, ys, denoms, strict=True):
+            i = where[id(piece.bucket)]
+            piece.lift([moment_of[id(u)] for u in piece.bucket.units], y, sign=-1.0)
+            torch.mul(rs[i][piece.k0:piece.k1, ..., piece.r0:piece.r1].unsqueeze(-1),
+                      cols[i][piece.k0:piece.k1].unsqueeze(-2), out=denom)
+        denom_flat.add_(eps / scale)
+        flat.div_(denom_flat)
+        del denom_flat, denoms
+        grouped.write(wave, flat, ys, decay, step)
+
+
+def _split(flat: torch.Tensor, sizes: list[int], shapes: list | None = None) -> list[torch.Tensor]:
+    """Consecutive views of a flat tensor, of the given sizes (and shapes)."""
+    out, offset = [], 0
+    for i, size in enumerate(sizes):
+        v = flat[offset:offset + size]
+        out.append(v.view(shapes[i]) if shapes is not None else v)
+        offset += size
+    return out
+
+
+def _subspace_adamw_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -> None:
+    """Subspace AdamW for many compressed weights at one step count (first moments already updated): the second
+    moments with foreach ops, the update m̂ / (sqrt(v̂) + eps) in the subspace a wave at a time, lifted and merged."""
+    sqs = [st["exp_avg_sq"] for st in states]
+    torch._foreach_mul_(sqs, beta2)
+    torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    row_mean = row.mean(-1, keepdim=True)
-    for r0 in range(0, n, block):
-        v = (row[..., r0:r0 + block] / row_mean).unsqueeze(-1) * col.unsqueeze(-2)  # rank-1 v̂ of these rows
-        denom = v.div_(bc2).sqrt_().add_(eps)
-        delta = module.lifted(exp_avg[..., r0:r0 + block, :, :]).div_(denom).mul_(-lr / bc1)
-        module.apply_delta_rows(delta, decay, step, r0)
-        del v, denom, delta
+    if lr == 0.0:
+        return
+    state_of = {id(u): st for u, st in zip(units, states, strict=True)}
+    for wave in grouped.waves_of(grouped.buckets_of(units)):
+        ms = [piece.rows_of(state_of[id(u)]["exp_avg"]) for piece in wave for u in piece.units]
+        vs = [piece.rows_of(state_of[id(u)]["exp_avg_sq"]) for piece in wave for u in piece.units]
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_mul_(denom, 1 / math.sqrt(bc2))
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(ms, denom)  # float32 (the moments' promotion), coordinate-shaped
+        torch._foreach_mul_(update, -lr / bc1)
+        del denom
+        flat, ys = grouped.wave_buffer(wave)
+        i = 0
+        for piece, y in zip(wave, ys, strict=True):
+            mine = {id(u): update[i + j] for j, u in enumerate(piece.units)}
+            i += len(piece.units)
+            # lift takes whole coordinate tensors and cuts the piece's rows: hand it the piece's rows at row 0
+            sub = grouped.Piece(piece.bucket, piece.k0, piece.k1, 0, piece.r1 - piece.r0)
+            sources = [mine.get(id(u)) for u in piece.bucket.units]
+            sub.lift(sources, y)
+        del update
+        grouped.write(wave, flat, ys, decay, step)
 
 
 class MemwrapOptimizer(torch.optim.Optimizer):
@@ -145,6 +238,7 @@ class MemwrapOptimizer(torch.optim.Optimizer):
                         error_feedback=bool(error_feedback), compressed=False)
         super().__init__(params, defaults)
         self._release_tried: set[int] = set()
+        self._counts: dict[int, int] = {}  # id(param) -> its step count, mirrored on the host
 
     @classmethod
     def for_model(cls, model: nn.Module, *, lr, kind, betas, eps, weight_decay, error_feedback, no_decay):
@@ -196,6 +290,7 @@ class MemwrapOptimizer(torch.optim.Optimizer):
         saved = state_dict["state"]
         keys = [k for g in state_dict["param_groups"] for k in g["params"]]  # indices, or names (DCP)
         super().load_state_dict(state_dict)
+        self._counts.clear()
         by_key = dict(zip(keys, (p for g in self.param_groups for p in g["params"]), strict=False))
         compressed = {id(p) for g in self.param_groups if g.get("compressed") for p in g["params"]}
         for key_, values in saved.items():
@@ -208,6 +303,15 @@ class MemwrapOptimizer(torch.optim.Optimizer):
                         and key in state and state[key].dtype != value.dtype:
                     state[key] = value.to(device=state[key].device)
         merge.sync(self)
+
+    def _count(self, p) -> int:
+        """Steps this optimizer has applied to `p`, kept on the host (the state's `step` tensor is read once, after a
+        load: no host read inside a step)."""
+        count = self._counts.get(id(p))
+        if count is None:
+            step = self.state[p].get("step")
+            count = int(step) if step is not None else 0
+        return count
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -222,47 +326,80 @@ class MemwrapOptimizer(torch.optim.Optimizer):
             return loss  # skipped whole: no parameter, moment or step count changes
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                module = by_id.get(id(p)) if group["compressed"] else None
-                if module is None:
-                    state = self.state[p]
-                    if not state:
-                        state["step"] = torch.zeros((), dtype=torch.float32)
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    _adamw_step(p, p.grad, state, lr, beta1, beta2, eps, wd)
-                    continue
-                if not self.state[p]:
-                    self._init_compressed_state(module, p, group)
-                state = {k: local(v) for k, v in self.state[p].items()}  # the local shards under FSDP2
-                g = local(p.grad).float()
-                step = int(state["step"].add_(1).item())
-                rows = _sharded_rows(p)
-                if group["kind"] == "adamw":
-                    update = _subspace_adamw_update(module, g, state, lr, beta1, beta2, eps, step)
-                    module.merge(update, 1.0 - lr * wd, step)  # lifted a block of rows at a time
-                elif rows is None:  # a block of rows at a time
-                    _projfactor_step(module, g, state, lr, beta1, beta2, eps, step, 1.0 - lr * wd)
-                else:  # rows sharded over ranks (FSDP2: the means are all-reduced): whole
-                    update = _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, rows)
-                    module.apply_delta(update, 1.0 - lr * wd, step)
-                self._refresh(module, state, step, group)
-                if id(p) not in self._release_tried:  # coords stay zero under this optimizer: keep only their grad
-                    self._release_tried.add(id(p))
-                    release(p)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["compressed"]:
+                self._step_compressed(group, [(p, by_id[id(p)]) for p in params if id(p) in by_id])
+                params = [p for p in params if id(p) not in by_id]
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self._counts[id(p)] = 0
+            by_count = _by_count(params, self._count)
+            torch._foreach_add_([self.state[p]["step"] for p in params], 1)
+            for count, ps in by_count.items():
+                self._counts.update((id(p), count) for p in ps)
+                _adamw_many([local(p) for p in ps], [local(p.grad) for p in ps],
+                            [{k: local(v) for k, v in self.state[p].items()} for p in ps],
+                            lr, beta1, beta2, eps, wd, count)
         return loss
 
+    def _step_compressed(self, group, pairs) -> None:
+        """Every compressed weight of a group with a gradient: first moments and step counts together, then the update
+        grouped by step count and shape (ProjFactor's weights whose rows FSDP2 shards: one at a time)."""
+        if not pairs:
+            return
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p, module in pairs:
+            if not self.state[p]:
+                self._init_compressed_state(module, p, group)
+                self._counts[id(p)] = 0
+        by_count = _by_count([p for p, _ in pairs], self._count)
+        states = {id(p): {k: local(v) for k, v in self.state[p].items()} for p, _ in pairs}  # FSDP2: the local shards
+        grads = {id(p): local(p.grad) for p, _ in pairs}
+        torch._foreach_add_([states[id(p)]["step"] for p, _ in pairs], 1)
+        torch._foreach_lerp_([states[id(p)]["exp_avg"] for p, _ in pairs], [grads[id(p)] for p, _ in pairs], 1 - beta1)
+        for count, ps in by_count.items():
+            self._counts.update((id(p), count) for p in ps)
+            modules = [m for p, m in pairs if id(p) in {id(q) for q in ps}]
+            if group["kind"] == "projfactor":
+                sharded = [(p, m) for p, m in zip(ps, modules, strict=True) if _sharded_rows(p) is not None]
+                for p, module in sharded:  # rows sharded over ranks (FSDP2: the means are all-reduced): whole
+                    g = grads[id(p)].float()
+                    update = _projfactor_update(module, g, states[id(p)], lr, beta1, beta2, eps, count, _sharded_rows(p))
+                    module.apply_delta(update, 1.0 - lr * wd, count)
+                ps_modules = [(p, m) for p, m in zip(ps, modules, strict=True) if _sharded_rows(p) is None]
+                run = _projfactor_many
+            else:
+                ps_modules = list(zip(ps, modules, strict=True))
+                run = _subspace_adamw_many
+            if ps_modules:
+                run([m for _, m in ps_modules], [grads[id(p)] for p, _ in ps_modules],
+                    [states[id(p)] for p, _ in ps_modules], lr, beta1, beta2, eps, count, 1.0 - lr * wd)
+            carries = []
+            for p, module in zip(ps, modules, strict=True):
+                t = self._refresh(module, states[id(p)], count, group)
+                if t is not None:
+                    carries.append((states[id(p)]["exp_avg"], t))
+            merge.carry_many(carries)
+        for p, _ in pairs:
+            if id(p) not in self._release_tried:  # coords stay zero under this optimizer: keep only their grad
+                self._release_tried.add(id(p))
+                release(p)
+
     def _refresh(self, module, state, step, group):  # state: the local shards
+        """Move the weight's P to `step`; the r × r transfer its first moment needs (None: nothing to carry)."""
         old_index = module.refresh_index
         module.steps = step  # memwrap's counter follows this optimizer's own
         t = module.advance(step)
         if t is None:
             return
         if not group["error_feedback"]:
-            merge.carry(state["exp_avg"], t)
-            return
+            return t  # the caller carries the first moments of every refreshed weight together
         total = module.lifted(state["exp_avg"], index=old_index).add_(state["residual"])  # (…, n, m)
         p_new = module.group.projection(module.refresh_index, device=total.device)
         c = state["exp_avg"].shape[-2]
@@ -270,6 +407,15 @@ class MemwrapOptimizer(torch.optim.Optimizer):
         coords = blocks @ p_new @ torch.linalg.inv(p_new.T @ p_new)  # least squares, (…, n, c, r)
         state["exp_avg"].copy_(coords)
         state["residual"].copy_(total - module.lifted(coords))
+        return None
+
+
+def _by_count(params, count) -> dict[int, list]:
+    """Parameters by the step count they reach at this step (almost always one count for all)."""
+    out: dict[int, list] = {}
+    for p in params:
+        out.setdefault(count(p) + 1, []).append(p)
+    return out
 
 
 def _sharded_rows(p):

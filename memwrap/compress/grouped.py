@@ -1,0 +1,214 @@
+"""Grouped updates: the compressed weights of one shape lifted and merged together, in a number of kernels that does
+not grow with the model's depth.
+
+A model's compressed weights come in a handful of shapes (every q_proj and o_proj of a Llama, every k_proj and v_proj,
+every gate/up, every down, the head, every fused expert tensor): a `Bucket` holds the weights of one shape. Their
+subspace coordinates are stacked into one tensor, lifted with one batched matmul against the stacked projections
+(each layer has its own P), and added into the weights with one stochastic rounding over the whole batch; the
+weights get their new values back in one foreach copy. Per-layer work is Python bookkeeping only.
+
+The transient stays bounded as `CompressedWeight.merge`'s does: a bucket is cut into pieces (a range of its weights
+with all their rows, or one weight's block of rows when a single weight is larger than MERGE_CHUNK_BYTES allows), and
+pieces are packed into waves of at most MERGE_CHUNK_BYTES (MERGE_BYTES_PER_ELEMENT per weight element). A small model
+is one wave; a 7B has a few per bucket, each a large kernel, so launches are never what limits it.
+
+Stochastic rounding: one noise draw per wave, seeded by (the first weight's seed and name, the wave, the step), so a
+run is deterministic for a seed and every weight element's rounding is unbiased. The bits of each float32 result are
+added to 16 random bits and the bfloat16 keeps the high half, read in place (a little-endian view), as
+`stochastic_round_bf16` does one tensor at a time.
+
+Only plain tensors (or the local shards of DTensors whose rows are not sharded) on one device go through here; the
+callers keep the per-weight path for the rest (`CompressedWeight.merge`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .base import (MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, STOCHASTIC_ROUNDING, CompressedWeight, local)
+from .projection import projection_seed
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def signature(unit: CompressedWeight) -> tuple:
+    """What weights must share to be stacked: coordinate and weight shapes, orientation, dtypes, device, rounding."""
+    c, w = local(unit.coords), local(unit.weight)
+    return (tuple(c.shape), tuple(w.shape), unit.transposed, w.dtype, c.dtype, w.device, bool(unit.stochastic_rounding))
+
+
+class Bucket:
+    """Compressed weights of one signature, in a fixed order (the stacking order of every tensor built for them)."""
+
+    def __init__(self, units: list[CompressedWeight]):
+        self.units = units
+        u0 = units[0]
+        c = local(u0.coords)
+        self.lead, self.n, self.c, self.r = tuple(c.shape[:-3]), c.shape[-3], c.shape[-2], c.shape[-1]
+        self.m, self.d = u0.in_features, u0.in_features // c.shape[-2]
+        self.transposed = u0.transposed
+        w = local(u0.weight)
+        self.wdtype, self.device = w.dtype, w.device
+        self.stochastic = bool(u0.stochastic_rounding) and w.dtype in STOCHASTIC_ROUNDING
+        self.experts = math.prod(self.lead)
+        self._pt: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def projections_t(self, sign: float = 1.0) -> torch.Tensor:
+        """Pᵀ of every weight, stacked: (K, r, d) float32 on the bucket's device, times `sign` (cached until a refresh)."""
+        key = (tuple(u.refresh_index for u in self.units), sign)
+        pt = self._pt.get(key)
+        if pt is None:
+            if len(self._pt) > 4:
+                self._pt.clear()
+            pt = torch.stack([u.group.projection(u.refresh_index, device=self.device).T for u in self.units])
+            if sign != 1.0:
+                pt.mul_(sign)
+            self._pt[key] = pt
+        return pt
+
+
+def buckets_of(units: list[CompressedWeight]) -> list[Bucket]:
+    groups: dict[tuple, list] = {}
+    for u in units:
+        groups.setdefault(signature(u), []).append(u)
+    return [Bucket(us) for us in groups.values()]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Weights k0..k1 of a bucket, rows r0..r1 of each (all rows unless one weight is split)."""
+
+    bucket: Bucket
+    k0: int
+    k1: int
+    r0: int
+    r1: int
+
+    @property
+    def shape(self) -> tuple:
+        """(weights, *experts, rows, m): the logical orientation of the piece's weight-shaped tensors."""
+        return (self.k1 - self.k0, *self.bucket.lead, self.r1 - self.r0, self.bucket.m)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def units(self) -> list[CompressedWeight]:
+        return self.bucket.units[self.k0:self.k1]
+
+    def rows_of(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows r0..r1 of a coordinate-shaped (…, n, c, r) or row-shaped (…, n) tensor of one weight."""
+        if t.ndim == len(self.bucket.lead) + 1:
+            return t[..., self.r0:self.r1]
+        return t[..., self.r0:self.r1, :, :]
+
+    def weights(self) -> list[torch.Tensor]:
+        """Each weight's slice, in its storage orientation."""
+        rows = slice(self.r0, self.r1)
+        return [local(u.weight)[..., :, rows] if self.bucket.transposed else local(u.weight)[..., rows, :]
+                for u in self.units]
+
+    def lift(self, sources: list[torch.Tensor], out: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        """out (the piece's shape, float32) ← sign · lift of the sources' rows (coordinate-shaped, one per weight of
+        the bucket): one stack, one batched matmul."""
+        b = self.bucket
+        kc = self.k1 - self.k0
+        x = torch.empty((kc, *b.lead, self.r1 - self.r0, b.c, b.r), dtype=torch.float32, device=out.device)
+        torch.stack([self.rows_of(local(s)) for s in sources[self.k0:self.k1]], out=x)
+        pt = b.projections_t(sign)[self.k0:self.k1]
+        torch.bmm(x.view(kc, -1, b.r), pt, out=out.view(kc, -1, b.d))
+        return out
+
+
+def pieces_of(bucket: Bucket, per_element: int = MERGE_BYTES_PER_ELEMENT) -> list[Piece]:
+    one = bucket.experts * bucket.n * bucket.m * per_element  # bytes of one whole weight while it is merged
+    if one <= MERGE_CHUNK_BYTES:
+        kc = max(1, MERGE_CHUNK_BYTES // one)
+        return [Piece(bucket, k0, min(len(bucket), k0 + kc), 0, bucket.n) for k0 in range(0, len(bucket), kc)]
+    rows = max(1, MERGE_CHUNK_BYTES // (bucket.experts * bucket.m * per_element))
+    return [Piece(bucket, k, k + 1, r0, min(bucket.n, r0 + rows)) for k in range(len(bucket))
+            for r0 in range(0, bucket.n, rows)]
+
+
+def waves_of(buckets: list[Bucket], per_element: int = MERGE_BYTES_PER_ELEMENT) -> list[list[Piece]]:
+    """Pieces packed greedily into waves of at most MERGE_CHUNK_BYTES (a piece larger than that is a wave alone)."""
+    waves: list[list[Piece]] = []
+    size = 0
+    for bucket in buckets:
+        for piece in pieces_of(bucket, per_element):
+            nbytes = piece.numel * per_element
+            if not waves or size + nbytes > MERGE_CHUNK_BYTES:
+                waves.append([])
+                size = 0
+            waves[-1].append(piece)
+            size += nbytes
+    return waves
+
+
+def views(flat: torch.Tensor, pieces: list[Piece]) -> list[torch.Tensor]:
+    """Each piece's view of a flat buffer laid out piece after piece."""
+    out, offset = [], 0
+    for piece in pieces:
+        out.append(flat[offset:offset + piece.numel].view(piece.shape))
+        offset += piece.numel
+    return out
+
+
+def wave_buffer(pieces: list[Piece]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One float32 buffer for a wave's weight-shaped values, and each piece's view of it."""
+    flat = torch.empty(sum(p.numel for p in pieces), dtype=torch.float32, device=pieces[0].bucket.device)
+    return flat, views(flat, pieces)
+
+
+def write(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor], decay: float, step: int) -> None:
+    """W ← round(W·decay + y) for every piece of a wave; `ys` are the pieces' views of `flat` (float32, logical
+    orientation) holding the deltas, overwritten with the exact sums. Rounding: stochastic for bf16 weights (one draw
+    for the wave), fp16 weights (one tensor at a time), nearest otherwise."""
+    targets, values = [], []
+    for piece, y in zip(pieces, ys, strict=True):
+        yw = y.transpose(-1, -2) if piece.bucket.transposed else y  # the storage orientation
+        ws = piece.weights()
+        stacked = torch.stack(ws)
+        if decay != 1.0:
+            yw.add_(stacked, alpha=decay)
+        else:
+            yw.add_(stacked)
+        targets.extend(ws)
+        values.append(yw)
+    b0 = pieces[0].bucket
+    if b0.stochastic and b0.wdtype == torch.bfloat16 and _LITTLE_ENDIAN and all(p.bucket.stochastic for p in pieces):
+        u0 = b0.units[pieces[0].k0]
+        g = None if flat.device.type == "meta" else torch.Generator(device=flat.device).manual_seed(
+            projection_seed(u0.group.seed, f"{u0.layer_name}#wave{pieces[0].r0}", step))  # (meta: memwrap.simulate)
+        bits = flat.view(torch.int32)
+        bits.add_(torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=flat.device, generator=g))
+        high = flat.view(torch.int16)[1::2].view(torch.bfloat16)  # the rounded bfloat16 values, in place
+        rounded = views(high, pieces)
+        values = [r.transpose(-1, -2) if p.bucket.transposed else r for p, r in zip(pieces, rounded, strict=True)]
+    elif any(p.bucket.stochastic for p in pieces):  # fp16 (or a big-endian host): one piece at a time
+        for i, piece in enumerate(pieces):
+            if piece.bucket.stochastic:
+                u0 = piece.units[0]
+                g = None if flat.device.type == "meta" else torch.Generator(device=flat.device).manual_seed(
+                    projection_seed(u0.group.seed, f"{u0.layer_name}#wave{piece.r0}", step))
+                values[i] = STOCHASTIC_ROUNDING[piece.bucket.wdtype](values[i], g)
+    torch._foreach_copy_(targets, [v for value in values for v in value.unbind(0)])
+
+
+def merge_many(units: list[CompressedWeight], deltas: list[torch.Tensor], decay: float, step: int) -> None:
+    """W ← W·decay + lift(delta) for every unit (deltas coordinate-shaped, (…, n, c, r)), grouped by shape."""
+    by_id = {id(u): d for u, d in zip(units, deltas, strict=True)}
+    buckets = buckets_of(units)
+    for wave in waves_of(buckets):
+        flat, ys = wave_buffer(wave)
+        for piece, y in zip(wave, ys, strict=True):
+            piece.lift([by_id[id(u)] for u in piece.bucket.units], y)
+        write(wave, flat, ys, decay, step)

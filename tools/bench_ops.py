@@ -1,0 +1,75 @@
+"""Kernels and host syncs per training step, plain vs memwrap, at several depths: the CPU proxy of a GPU step's
+launch overhead (memwrap.planning.opcount: every ATen op a step dispatches, views and allocations left out; host syncs
+`_local_scalar_dense` / `nonzero` / ... counted apart).
+
+    python tools/bench_ops.py                          # llama-shaped and qwen3-moe-shaped, 2 / 8 / 32 layers
+    python tools/bench_ops.py --layers 2 8 --hidden 256
+
+Each row trains 3 steps on random tokens and counts the third (the steady state). Columns: forward / backward /
+optimizer kernel ops of plain training (torch AdamW, foreach) and of memwrap (`wrap(rank, granularity)` at 1/8, default
+savings) stepped by `memwrap.optimizer` and by torch AdamW (foreach; memwrap merges after its step), and the host syncs
+of a whole step. torch's own AdamW reads its CPU step counters on the host (`.item()`, no device sync on a GPU): those
+reads are in the torch columns and are not memwrap's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import memwrap
+from memwrap.planning.opcount import count_step
+
+
+def build(family: str, layers: int, hidden: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=256, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=256, tie_word_embeddings=False)
+    if family == "llama":
+        config = AutoConfig.for_model("llama", intermediate_size=hidden, num_key_value_heads=2, **common)
+    else:
+        config = AutoConfig.for_model("qwen3_moe", intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+                                      num_key_value_heads=2, head_dim=hidden // 4, num_experts=8, num_experts_per_tok=2,
+                                      decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.0, **common)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def measure(family: str, layers: int, hidden: int, how: str, batch: int, seq: int) -> dict:
+    model = build(family, layers, hidden)
+    if how != "plain":
+        memwrap.wrap(model, rank=hidden // 4 // 8, granularity=4)  # 1/8: blocks of hidden/4, rank 1/8 of that
+    if how == "memwrap.optimizer":
+        opt = memwrap.optimizer(model, lr=1e-4)
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return count_step(model, opt, ids, ids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 8, 32])
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--families", nargs="+", default=["llama", "qwen3_moe"])
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=32)
+    args = ap.parse_args()
+    hows = ("plain", "memwrap.optimizer", "memwrap + torch AdamW")
+    print(f"kernel ops per step (forward / backward / optimizer) and host syncs per whole step; hidden {args.hidden}")
+    print(f"{'model':<12}{'layers':>7}  " + "".join(f"{h:>34}" for h in hows))
+    for family in args.families:
+        for layers in args.layers:
+            cells = []
+            for how in hows:
+                c = measure(family, layers, args.hidden, how, args.batch_size, args.seq_len)
+                syncs = sum(x.n_syncs for x in c.values())
+                cells.append(f"{c['forward'].n_kernels:>6} /{c['backward'].n_kernels:>6} /{c['optimizer'].n_kernels:>5}"
+                             f"  syncs {syncs:>4}")
+            print(f"{family:<12}{layers:>7}  " + "".join(f"{cell:>34}" for cell in cells))
+
+
+if __name__ == "__main__":
+    main()
