@@ -42,7 +42,7 @@ def test_simulated_peaks_equal_the_bytes_the_real_step_allocates_on_a_cpu(family
 
 def test_the_steady_state_step_holds_the_optimizer_states():
     """Step 1 has no optimizer states in forward and backward; from step 2 they live through both, and steps 2 and 3
-    are equal (the steady state the planner must predict)."""
+    are equal to a 512-byte block (the steady state the planner must predict)."""
     model = bf16("llama")
     plan = memwrap.wrap(bf16("llama"), rank=4, granularity=2)
     sim = memwrap.simulate(model, plan, batch_size=2, seq_len=24, steps=3)
@@ -54,7 +54,9 @@ def test_the_steady_state_step_holds_the_optimizer_states():
     opt.step()
     states = sum(allocator_bytes(t.untyped_storage().nbytes()) for s in opt.state.values() for t in s.values()
                  if isinstance(t, torch.Tensor))
-    assert states > 0 and sim.steps[1] == sim.steps[2]
+    assert states > 0
+    # steps 2 and 3 are equal but for one 512-byte block: forward 3 takes the coords check (a device flag the step reads)
+    assert all(0 <= sim.steps[2][p] - sim.steps[1][p] <= 512 for p in ("forward", "backward", "optimizer")), sim.steps
     # (besides the states, step 1 leaves a few 512-byte blocks: 4% of this tiny model's states, 0.01% of a 7B's)
     assert abs(sim.steps[1]["forward"] - sim.steps[0]["forward"] - states) <= 0.05 * states
     assert sim.peak == max(sim.steps[1].values())

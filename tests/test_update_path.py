@@ -512,28 +512,3 @@ def test_register_first_moment_checks_its_arguments(args):
     with pytest.raises(memwrap.errors.InvalidSettingsError):
         memwrap.register_first_moment(**args)
     assert memwrap.compress.merge.FIRST_MOMENTS == before  # nothing registered
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_projfactor_merged_a_block_of_rows_at_a_time_equals_the_whole_update(family, monkeypatch):
-    """ProjFactor's step works a block of rows at a time (its fp32 weight-shaped temporaries bounded, experts
-    included): with blocks of a few rows, 4 steps give the weights one whole-weight update gives, to fp32 rounding."""
-    from families import tiny
-
-    from memwrap.optim import memwrap_optimizer as mo
-
-    def train(chunk_bytes):
-        monkeypatch.setattr(mo, "MERGE_CHUNK_BYTES", chunk_bytes)
-        model = tiny(family)
-        memwrap.wrap(model, rank=4, granularity=2)
-        opt = memwrap.optimizer(model, lr=1e-2, kind="projfactor", weight_decay=0.1)
-        for step in range(4):
-            ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(step))
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    whole, blocks = train(1 << 40), train(4 * 64 * 20)  # one block, or 4 rows (of 64 inputs) per block
-    worst = max(((blocks[n] - whole[n]).norm() / whole[n].norm()).item() for n in whole)
-    assert worst <= 1e-5, worst

@@ -2,6 +2,7 @@
 
     python tools/bench_gpu.py                       # all three runs below
     python tools/bench_gpu.py --runs llama-2-7b@24  # one run: MODEL@BUDGET_GB, or MODEL@plain (AdamW + checkpointing)
+    python tools/bench_gpu.py --speed               # plain vs memwrap step time, side by side, on the speed shapes
 
 Each run builds the model from its bundled config (random weights, bf16, sdpa) on the GPU and trains `--steps` steps
 on random tokens (labels = inputs). memwrap runs are wrapped with `wrap(budget_gb=B, batch_size, seq_len)` and trained
@@ -11,6 +12,11 @@ measured max_memory_allocated after each phase of every step (peaks reset at eac
 simulation), max_memory_reserved, step time, tokens/s, MFU (6 · parameters · tokens / time / the GPU's bf16 dense
 peak), and the step-time breakdown (forward / backward / optimizer, medians of steps 2 on).
 Default runs: Llama-2-7B at 24 GB (batch 8 × 2048), Qwen1.5-MoE-A2.7B at 40 GB, and Llama-2-7B plain.
+
+--speed: for each shape, plain training (torch AdamW, fused=True) and memwrap at a fixed 1/8 (`wrap(rank=hidden/32,
+granularity=4)`, default savings, `memwrap.optimizer`) on the same model, alternating steps so both see the same GPU
+state; medians of steps 3 on. Shapes: TinyLlama-1.1B (hidden 2048, 22 layers) at 4 × 2048, Qwen3-MoE (hidden 1024,
+8 layers, 64 experts, top-8) at 4 × 2048, a small Llama (hidden 1024, 4 layers) at 4 × 1024 under torch.compile.
 """
 
 from __future__ import annotations
@@ -111,16 +117,93 @@ def run(spec: str, batch: int, seq: int, steps: int) -> None:
     torch.cuda.empty_cache()
 
 
+SPEED_SHAPES = {
+    "tinyllama-1.1b": (dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                            num_attention_heads=32, num_key_value_heads=4, vocab_size=32000), 4, 2048, False),
+    "qwen3-moe-64x": (dict(model_type="qwen3_moe", hidden_size=1024, intermediate_size=3072, moe_intermediate_size=768,
+                           num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                           num_experts=64, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+                           vocab_size=32000), 4, 2048, False),
+    "llama-small-compiled": (dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                  num_attention_heads=16, num_key_value_heads=16, vocab_size=32000), 4, 1024, True),
+}
+
+
+def speed(name: str, steps: int) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw, batch, seq, compiled = SPEED_SHAPES[name]
+    kw = dict(kw)
+    config = AutoConfig.for_model(kw.pop("model_type"), max_position_embeddings=seq, tie_word_embeddings=False, **kw)
+    config._attn_implementation = "sdpa"
+    runs = {}
+    for how in ("plain", "memwrap"):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        if how == "plain":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        else:
+            memwrap.wrap(model, rank=config.hidden_size // 32, granularity=4)
+            opt = memwrap.optimizer(model, lr=1e-5)
+        fwd = torch.compile(model) if compiled else model
+        runs[how] = (model, fwd, opt, {"forward": [], "backward": [], "optimizer": [], "step": [], "peak": []})
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+    for _ in range(steps):
+        for _, fwd, opt, times in runs.values():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            marks = [time.perf_counter()]
+            loss = fwd(input_ids=ids, labels=ids).loss
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            loss.backward()
+            del loss
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            for phase, a, b in zip(("forward", "backward", "optimizer"), marks, marks[1:], strict=False):
+                times[phase].append(b - a)
+            times["step"].append(marks[-1] - marks[0])
+            times["peak"].append(torch.cuda.max_memory_allocated())
+    med = {how: {k: statistics.median(v[2:]) for k, v in r[3].items()} for how, r in runs.items()}
+    params = sum(p.numel() for p in runs["plain"][0].parameters())
+    p, m = med["plain"], med["memwrap"]
+    peak = peak_tflops()
+    for how in ("plain", "memwrap"):
+        t = med[how]
+        tflops = 6 * params * batch * seq / t["step"] / 1e12
+        print(f"{name:<22}{how:<9}{t['step'] * 1e3:>9.1f}{t['forward'] * 1e3:>9.1f}{t['backward'] * 1e3:>9.1f}"
+              f"{t['optimizer'] * 1e3:>9.1f}{batch * seq / t['step']:>10.0f}"
+              f"{(f'{tflops / peak:.1%}' if peak else '-'):>7}{t['peak'] / 1e9:>9.2f}")
+    print(f"{'':<22}{'ratio':<9}{m['step'] / p['step']:>8.2f}x{m['forward'] / p['forward']:>8.2f}x"
+          f"{m['backward'] / p['backward']:>8.2f}x{m['optimizer'] / p['optimizer']:>8.2f}x{'':>17}"
+          f"{m['peak'] / p['peak']:>8.2f}x")
+    del runs
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="llama-2-7b@24,qwen1.5-moe-a2.7b@40,llama-2-7b@plain")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--speed", action="store_true", help="plain vs memwrap step time on the speed shapes")
+    ap.add_argument("--shapes", default=",".join(SPEED_SHAPES), help="with --speed: which shapes")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs a CUDA GPU; on a CPU use `memwrap plan MODEL --budget-gb N --simulate`.")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, memwrap {memwrap.__version__}")
+    if args.speed:
+        print(f"{'shape':<22}{'run':<9}{'step ms':>9}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}{'tok/s':>10}{'MFU':>7}"
+              f"{'peak GB':>9}")
+        for name in args.shapes.split(","):
+            speed(name, max(args.steps, 5))
+        return
     for spec in args.runs.split(","):
         run(spec, args.batch_size, args.seq_len, args.steps)
 

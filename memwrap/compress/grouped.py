@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import (MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, STOCHASTIC_ROUNDING, CompressedWeight, local)
+from .base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, STOCHASTIC_ROUNDING, CompressedWeight, local
 from .projection import projection_seed
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -55,23 +55,17 @@ class Bucket:
         self.wdtype, self.device = w.dtype, w.device
         self.stochastic = bool(u0.stochastic_rounding) and w.dtype in STOCHASTIC_ROUNDING
         self.experts = math.prod(self.lead)
-        self._pt: dict = {}
+        self._pt: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.units)
 
-    def projections_t(self, sign: float = 1.0) -> torch.Tensor:
-        """Pᵀ of every weight, stacked: (K, r, d) float32 on the bucket's device, times `sign` (cached until a refresh)."""
-        key = (tuple(u.refresh_index for u in self.units), sign)
-        pt = self._pt.get(key)
-        if pt is None:
-            if len(self._pt) > 4:
-                self._pt.clear()
-            pt = torch.stack([u.group.projection(u.refresh_index, device=self.device).T for u in self.units])
-            if sign != 1.0:
-                pt.mul_(sign)
-            self._pt[key] = pt
-        return pt
+    def projections_t(self) -> torch.Tensor:
+        """Pᵀ of every weight, stacked: (K, r, d) float32 on the bucket's device (made once per bucket, and a bucket
+        lives for one step: nothing is kept between steps besides each group's own P)."""
+        if self._pt is None:
+            self._pt = torch.stack([u.group.projection(u.refresh_index, device=self.device).T for u in self.units])
+        return self._pt
 
 
 def buckets_of(units: list[CompressedWeight]) -> list[Bucket]:
@@ -116,14 +110,14 @@ class Piece:
         return [local(u.weight)[..., :, rows] if self.bucket.transposed else local(u.weight)[..., rows, :]
                 for u in self.units]
 
-    def lift(self, sources: list[torch.Tensor], out: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
-        """out (the piece's shape, float32) ← sign · lift of the sources' rows (coordinate-shaped, one per weight of
+    def lift(self, sources: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """out (the piece's shape, float32) ← the lift of the sources' rows (coordinate-shaped, one per weight of
         the bucket): one stack, one batched matmul."""
         b = self.bucket
         kc = self.k1 - self.k0
         x = torch.empty((kc, *b.lead, self.r1 - self.r0, b.c, b.r), dtype=torch.float32, device=out.device)
         torch.stack([self.rows_of(local(s)) for s in sources[self.k0:self.k1]], out=x)
-        pt = b.projections_t(sign)[self.k0:self.k1]
+        pt = b.projections_t()[self.k0:self.k1]
         torch.bmm(x.view(kc, -1, b.r), pt, out=out.view(kc, -1, b.d))
         return out
 

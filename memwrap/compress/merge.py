@@ -204,7 +204,7 @@ def carry_many(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for state_tensor, t in pairs:
         loc = local(state_tensor)
         groups.setdefault((tuple(loc.shape), loc.dtype, loc.device), []).append((loc, t))
-    for (shape, dtype, device), items in groups.items():
+    for (shape, _, device), items in groups.items():
         if len(items) == 1:
             carry(*items[0])
             continue

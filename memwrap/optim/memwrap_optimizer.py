@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..compress import grouped, merge
-from ..compress.base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, local, release
+from ..compress.base import MERGE_CHUNK_BYTES, local, release
 from ..errors import InvalidSettingsError
 
 OPTIMIZER_KINDS = ("projfactor", "adamw")
@@ -122,10 +122,9 @@ def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -
     at a time, within MERGE_CHUNK_BYTES. Two passes: the second-moment factors need every row (the column factor is a
     mean over them), then the update, merged into W as it is made.
 
-    The rank-1 v̂ = (row / mean(row)) ⊗ col factors under the square root: the denominator of a block is
-    rs ⊗ cs + eps', with rs = sqrt(row / (mean(row) · bc2 · s²)), cs = sqrt(col), eps' = eps / s and s = lr / bc1, so
-    the update −s · lift(m) / (sqrt(v̂ / bc2) + eps) is −lift(m) / (rs ⊗ cs + eps'): the lift of the moment against −Pᵀ,
-    one division."""
+    The rank-1 v̂ = (row / mean(row)) ⊗ col factors under the square root: with rs = −sqrt(row / (mean(row) · bc2 · s²)),
+    cs = sqrt(col) and s = lr / bc1, the update −s · lift(m) / (sqrt(v̂ / bc2) + eps) is lift(m) / (rs ⊗ cs − eps / s):
+    one outer product, one division."""
     buckets = grouped.buckets_of(units)
     by_id = {id(u): (g, st) for u, g, st in zip(units, grads, states, strict=True)}
     device = buckets[0].device
@@ -167,7 +166,7 @@ def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -
     rs = _split(rs_flat, n_rows, [r.shape for r in rows])
     for r, mean, out in zip(rows, means, rs, strict=True):
         torch.div(r, mean, out=out)
-    rs_flat.sqrt_()
+    rs_flat.sqrt_().neg_()
     del stats, moments, means
     moment_of = {id(u): by_id[id(u)][1]["exp_avg"] for u in units}
     for wave in grouped.waves_of(buckets):  # pass 2: the update, merged
@@ -175,10 +174,10 @@ def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -
         denom_flat, denoms = grouped.wave_buffer(wave)
         for piece, y, denom in zip(wave, ys, denoms, strict=True):
             i = where[id(piece.bucket)]
-            piece.lift([moment_of[id(u)] for u in piece.bucket.units], y, sign=-1.0)
+            piece.lift([moment_of[id(u)] for u in piece.bucket.units], y)
             torch.mul(rs[i][piece.k0:piece.k1, ..., piece.r0:piece.r1].unsqueeze(-1),
                       cols[i][piece.k0:piece.k1].unsqueeze(-2), out=denom)
-        denom_flat.add_(eps / scale)
+        denom_flat.sub_(eps / scale)
         flat.div_(denom_flat)
         del denom_flat, denoms
         grouped.write(wave, flat, ys, decay, step)

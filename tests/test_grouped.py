@@ -1,0 +1,222 @@
+"""The grouped step and merge (memwrap.compress.grouped): the same updates as one weight at a time, unbiased rounding,
+and a number of kernels (and host syncs) per step that does not grow with the model's depth."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from families import tiny
+
+import memwrap
+from memwrap.compress import grouped, merge
+from memwrap.optim import memwrap_optimizer as mo
+from memwrap.planning.opcount import CountOps, count_step
+
+FAMILIES = ["llama", "gpt2", "qwen3_moe"]  # dense, transposed (GPT-2's Conv1D), fused experts
+
+
+def batch(step, vocab=128):
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(step))
+
+
+def trained(family, kind, steps=2, **opt_kw):
+    model = tiny(family)
+    memwrap.wrap(model, rank=4, granularity=2)
+    opt = memwrap.optimizer(model, lr=1e-2, kind=kind, weight_decay=0.1, **opt_kw)
+    for step in range(steps):
+        ids = batch(step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ids = batch(steps)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return model, opt
+
+
+def reference_step(model, opt, kind):
+    """The next step of every compressed weight, one weight at a time, by the whole-weight formulas: W after it."""
+    group = next(g for g in opt.param_groups if g["compressed"])
+    lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    out = {}
+    for unit in merge.units_of(model):
+        p = unit.coords
+        state = {k: v.clone() for k, v in opt.state[p].items()}
+        step = int(state["step"]) + 1
+        g = p.grad.float()
+        state["exp_avg"].lerp_(g.to(state["exp_avg"].dtype), 1 - b1)
+        if kind == "projfactor":
+            update = mo._projfactor_update(unit, g, state, lr, b1, b2, eps, step)
+        else:
+            state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            u = state["exp_avg"].float() / (state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**step)).add_(eps)
+            update = unit.lifted(u * (-lr / (1 - b1**step)))
+        w = unit.weight.detach().float().clone()
+        w = w.transpose(-1, -2) if unit.transposed else w
+        out[unit.layer_name] = w * (1 - lr * wd) + update
+    return out
+
+
+@pytest.mark.parametrize("kind", ["projfactor", "adamw"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("chunk", [None, 4 * 64 * 20])  # one wave; or a few rows per piece, many waves
+def test_grouped_step_equals_the_whole_weight_formulas(family, kind, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(grouped, "MERGE_CHUNK_BYTES", chunk)
+    model, opt = trained(family, kind)
+    expected = reference_step(model, opt, kind)
+    opt.step()
+    worst = 0.0
+    for unit in merge.units_of(model):
+        w = unit.weight.detach().float()
+        w = w.transpose(-1, -2) if unit.transposed else w
+        ref = expected[unit.layer_name]
+        worst = max(worst, ((w - ref).norm() / ref.norm()).item())
+    assert worst < 1e-6, worst
+
+
+def test_many_waves_round_the_same_values_one_wave_rounds(monkeypatch):
+    """Pieces of a few rows (a weight split over several waves, each with its own rounding draw) against one wave, one
+    bf16 ProjFactor step from the same state: every weight element lands on one of the two bf16 neighbours of the same
+    exact value (the two differ by at most one ulp, and do differ: other draws), and the same chunking is bit-identical."""
+    def step(chunk):
+        monkeypatch.setattr(grouped, "MERGE_CHUNK_BYTES", chunk)
+        model = tiny("qwen3_moe").to(torch.bfloat16)
+        memwrap.wrap(model, rank=4, granularity=2)
+        opt = memwrap.optimizer(model, lr=1e-2, kind="projfactor")
+        ids = batch(0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        return {u.layer_name: u.weight.detach().float().clone() for u in merge.units_of(model)}
+
+    one, many, again = step(1 << 40), step(4 * 64 * 20), step(4 * 64 * 20)
+    assert all(torch.equal(many[n], again[n]) for n in many)
+    differ = 0
+    for name, w in one.items():
+        ulp = (w.abs().clamp_min(1e-30).log2().floor() - 7).exp2()
+        assert ((many[name] - w).abs() <= ulp * 1.001).all(), name
+        differ += int((many[name] != w).sum())
+    assert differ > 0
+
+
+def test_grouped_merge_is_unbiased(monkeypatch):
+    """A bf16 weight merged with a delta far below its resolution: over 400 draws (steps), the mean change of every
+    weight equals the exact delta within 5 standard errors (each draw's error is within one ulp, variance ≤ ulp²/4);
+    with the waves cut to a few rows, as for one wave."""
+    monkeypatch.setattr(grouped, "MERGE_CHUNK_BYTES", 4 * 64 * 20)
+    model = tiny("llama").to(torch.bfloat16)
+    memwrap.wrap(model, rank=4, granularity=2)
+    units = [u for u in merge.units_of(model) if u.layer_name.endswith(("q_proj", "o_proj"))]
+    assert len({grouped.signature(u) for u in units}) == 1 and len(units) == 4  # one bucket
+    assert len(grouped.waves_of(grouped.buckets_of(units))) > 1
+    deltas = [torch.full_like(u.coords, 1e-5) for u in units]
+    w0 = [u.weight.detach().clone() for u in units]
+    exact = [u.lifted(d) for u, d in zip(units, deltas, strict=True)]
+    trials = 400
+    total = [torch.zeros_like(e) for e in exact]
+    for step in range(1, trials + 1):
+        for u, w in zip(units, w0, strict=True):
+            u.weight.data.copy_(w)
+        grouped.merge_many(units, deltas, 1.0, step)
+        for t, u, w in zip(total, units, w0, strict=True):
+            t.add_(u.weight.float() - w.float())
+    for t, e, w in zip(total, exact, w0, strict=True):
+        ulp = (w.float().abs().clamp_min(1e-30).log2().floor() - 7).exp2()
+        sem = (ulp**2 / 4 / trials).sqrt()
+        assert ((t / trials - e).abs() <= 5 * sem + 1e-12).float().mean() > 0.999
+        assert abs((t / trials - e).mean().item()) < 5 * (sem**2).mean().sqrt().item() / math.sqrt(e.numel())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_after_a_torch_optimizer_equals_one_weight_at_a_time(family):
+    """memwrap's merge after torch AdamW's step (grouped) gives the weights a merge one weight at a time gives."""
+    model = tiny(family)
+    memwrap.wrap(model, rank=4, granularity=2)
+    units = merge.units_of(model)
+    deltas = [torch.randn_like(u.coords) * 1e-3 for u in units]
+    twin = copy.deepcopy(model)
+    grouped.merge_many(units, deltas, 0.99, 1)
+    for u, d in zip(merge.units_of(twin), deltas, strict=True):
+        u.merge(d, 0.99, 1)
+    for a, b in zip(units, merge.units_of(twin), strict=True):
+        assert torch.allclose(a.weight, b.weight, rtol=1e-6, atol=1e-7)
+
+
+# ---- kernels and host syncs per step -------------------------------------------------------------------------
+def llama(layers, hidden=128):
+    from tiny import tiny_llama
+
+    return tiny_llama(layers=layers, hidden=hidden, intermediate=hidden)
+
+
+def step_counts(layers, how, family="llama"):
+    model = llama(layers) if family == "llama" else tiny(family) if layers == 2 else _deeper(family, layers)
+    memwrap.wrap(model, rank=4, granularity=4)
+    if how == "memwrap":
+        opt = memwrap.optimizer(model, lr=1e-3)
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    return count_step(model, opt, ids, ids)
+
+
+def _deeper(family, layers):
+    from families import CONFIGS
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **dict(CONFIGS[family], num_hidden_layers=layers)))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_memwrap_optimizer_step_kernels_do_not_grow_with_depth(family):
+    two, eight = step_counts(2, "memwrap", family)["optimizer"], step_counts(8, "memwrap", family)["optimizer"]
+    print(f"{family}: memwrap.optimizer step kernel ops, 2 layers {two.n_kernels}, 8 layers {eight.n_kernels}")
+    assert eight.n_kernels <= 1.25 * two.n_kernels
+    assert eight.n_kernels <= 120
+
+
+def test_merge_after_torch_adamw_does_not_grow_with_depth():
+    two, eight = step_counts(2, "torch")["optimizer"], step_counts(8, "torch")["optimizer"]
+    assert eight.n_kernels <= 1.25 * two.n_kernels, (two.n_kernels, eight.n_kernels)
+
+
+@pytest.mark.parametrize("layers", [2, 8])
+def test_one_host_sync_per_training_step(layers):
+    """Forward, backward and memwrap.optimizer's step read one device value (the non-finite flag, which also carries
+    the forward's check of the coords at forwards 2 and 16), at every step from the second on."""
+    model = llama(layers)
+    memwrap.wrap(model, rank=4, granularity=4)
+    opt = memwrap.optimizer(model, lr=1e-3)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    per_step = []
+    for _ in range(18):
+        with CountOps() as c:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        per_step.append(c.counts.n_syncs)
+    assert max(per_step[1:]) == 1, per_step
+
+
+def test_a_write_behind_autograds_back_is_still_caught_at_the_step():
+    """The coords check rides on the step's one host read: a .data write before a checking forward (the third: the
+    first one after wrap looks at the version counters instead) raises at that step, before anything is merged."""
+    model = llama(2)
+    memwrap.wrap(model, rank=4, granularity=4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, foreach=True)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    unit = merge.units_of(model)[0]
+    before = unit.weight.detach().clone()
+    unit.coords.data.add_(1.0)  # behind autograd's back
+    model(input_ids=ids, labels=ids).loss.backward()  # the check is taken, on the device
+    with pytest.raises(memwrap.UnmergedUpdateError):
+        opt.step()
+    assert torch.equal(unit.weight.detach(), before)
