@@ -33,6 +33,12 @@ from .base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, STOCHASTIC_ROUNDIN
 from .projection import projection_seed
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
+CPU_WAVE_BYTES = 16 << 20  # on a CPU, waves this small reuse the allocator's memory instead of faulting fresh pages in
+
+
+def wave_bytes(device: torch.device) -> int:
+    """The transient one wave may take: MERGE_CHUNK_BYTES, or less on a CPU (where it measures faster)."""
+    return min(MERGE_CHUNK_BYTES, CPU_WAVE_BYTES) if device.type == "cpu" else MERGE_CHUNK_BYTES
 
 
 def signature(unit: CompressedWeight) -> tuple:
@@ -123,23 +129,25 @@ class Piece:
 
 
 def pieces_of(bucket: Bucket, per_element: int = MERGE_BYTES_PER_ELEMENT) -> list[Piece]:
+    budget = wave_bytes(bucket.device)
     one = bucket.experts * bucket.n * bucket.m * per_element  # bytes of one whole weight while it is merged
-    if one <= MERGE_CHUNK_BYTES:
-        kc = max(1, MERGE_CHUNK_BYTES // one)
+    if one <= budget:
+        kc = max(1, budget // one)
         return [Piece(bucket, k0, min(len(bucket), k0 + kc), 0, bucket.n) for k0 in range(0, len(bucket), kc)]
-    rows = max(1, MERGE_CHUNK_BYTES // (bucket.experts * bucket.m * per_element))
+    rows = max(1, budget // (bucket.experts * bucket.m * per_element))
     return [Piece(bucket, k, k + 1, r0, min(bucket.n, r0 + rows)) for k in range(len(bucket))
             for r0 in range(0, bucket.n, rows)]
 
 
 def waves_of(buckets: list[Bucket], per_element: int = MERGE_BYTES_PER_ELEMENT) -> list[list[Piece]]:
-    """Pieces packed greedily into waves of at most MERGE_CHUNK_BYTES (a piece larger than that is a wave alone)."""
+    """Pieces packed greedily into waves of at most `wave_bytes` (a piece larger than that is a wave alone)."""
     waves: list[list[Piece]] = []
     size = 0
     for bucket in buckets:
+        budget = wave_bytes(bucket.device)
         for piece in pieces_of(bucket, per_element):
             nbytes = piece.numel * per_element
-            if not waves or size + nbytes > MERGE_CHUNK_BYTES:
+            if not waves or size + nbytes > budget:
                 waves.append([])
                 size = 0
             waves[-1].append(piece)
@@ -165,7 +173,14 @@ def wave_buffer(pieces: list[Piece]) -> tuple[torch.Tensor, list[torch.Tensor]]:
 def write(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor], decay: float, step: int) -> None:
     """W ← round(W·decay + y) for every piece of a wave; `ys` are the pieces' views of `flat` (float32, logical
     orientation) holding the deltas, overwritten with the exact sums. Rounding: stochastic for bf16 weights (one draw
-    for the wave), fp16 weights (one tensor at a time), nearest otherwise."""
+    for the wave), fp16 weights (one tensor at a time), nearest otherwise; float32 weights are updated in place."""
+    if all(p.bucket.wdtype == torch.float32 for p in pieces):  # no rounding: in place, nothing stacked
+        targets = [w for piece in pieces for w in piece.weights()]
+        if decay != 1.0:
+            torch._foreach_mul_(targets, decay)
+        torch._foreach_add_(targets, [v for piece, y in zip(pieces, ys, strict=True)
+                                      for v in (y.transpose(-1, -2) if piece.bucket.transposed else y).unbind(0)])
+        return
     targets, values = [], []
     for piece, y in zip(pieces, ys, strict=True):
         yw = y.transpose(-1, -2) if piece.bucket.transposed else y  # the storage orientation
