@@ -10,6 +10,11 @@ optimizer kernel ops of plain training (torch AdamW, foreach) and of memwrap (`w
 savings) stepped by `memwrap.optimizer` and by torch AdamW (foreach; memwrap merges after its step), and the host syncs
 of a whole step. torch's own AdamW reads its CPU step counters on the host (`.item()`, no device sync on a GPU): those
 reads are in the torch columns and are not memwrap's.
+
+memwrap's step works in waves of at most 64 MB of temporaries on a GPU (16 MB on a CPU, where that measures faster):
+its kernel count is flat in depth until the model's weights fill more than one wave, then grows with the model's bytes
+(each further wave being 16-64 MB of work, never launch-bound). The last column gives the waves of one step on this
+CPU and on a GPU.
 """
 
 from __future__ import annotations
@@ -37,7 +42,21 @@ def build(family: str, layers: int, hidden: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def measure(family: str, layers: int, hidden: int, how: str, batch: int, seq: int) -> dict:
+def waves(model) -> str:
+    from memwrap.compress import grouped, merge
+
+    units = merge.units_of(model)
+    cpu = len(grouped.waves_of(grouped.buckets_of(units)))
+    saved = grouped.CPU_WAVE_BYTES
+    grouped.CPU_WAVE_BYTES = grouped.MERGE_CHUNK_BYTES  # as a GPU cuts them
+    try:
+        gpu = len(grouped.waves_of(grouped.buckets_of(units)))
+    finally:
+        grouped.CPU_WAVE_BYTES = saved
+    return f"{cpu}/{gpu}"
+
+
+def measure(family: str, layers: int, hidden: int, how: str, batch: int, seq: int) -> tuple[dict, str]:
     model = build(family, layers, hidden)
     if how != "plain":
         memwrap.wrap(model, rank=hidden // 4 // 8, granularity=4)  # 1/8: blocks of hidden/4, rank 1/8 of that
@@ -46,7 +65,7 @@ def measure(family: str, layers: int, hidden: int, how: str, batch: int, seq: in
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
-    return count_step(model, opt, ids, ids)
+    return count_step(model, opt, ids, ids), ("" if how == "plain" else waves(model))
 
 
 def main() -> None:
@@ -59,16 +78,16 @@ def main() -> None:
     args = ap.parse_args()
     hows = ("plain", "memwrap.optimizer", "memwrap + torch AdamW")
     print(f"kernel ops per step (forward / backward / optimizer) and host syncs per whole step; hidden {args.hidden}")
-    print(f"{'model':<12}{'layers':>7}  " + "".join(f"{h:>34}" for h in hows))
+    print(f"{'model':<12}{'layers':>7}  " + "".join(f"{h:>34}" for h in hows) + f"{'waves cpu/gpu':>15}")
     for family in args.families:
         for layers in args.layers:
             cells = []
             for how in hows:
-                c = measure(family, layers, args.hidden, how, args.batch_size, args.seq_len)
+                c, wave_count = measure(family, layers, args.hidden, how, args.batch_size, args.seq_len)
                 syncs = sum(x.n_syncs for x in c.values())
                 cells.append(f"{c['forward'].n_kernels:>6} /{c['backward'].n_kernels:>6} /{c['optimizer'].n_kernels:>5}"
                              f"  syncs {syncs:>4}")
-            print(f"{family:<12}{layers:>7}  " + "".join(f"{cell:>34}" for cell in cells))
+            print(f"{family:<12}{layers:>7}  " + "".join(f"{cell:>34}" for cell in cells) + f"{wave_count:>15}")
 
 
 if __name__ == "__main__":

@@ -121,8 +121,10 @@ class Piece:
         the bucket): one stack, one batched matmul."""
         b = self.bucket
         kc = self.k1 - self.k0
-        x = torch.empty((kc, *b.lead, self.r1 - self.r0, b.c, b.r), dtype=torch.float32, device=out.device)
-        torch.stack([self.rows_of(local(s)) for s in sources[self.k0:self.k1]], out=x)
+        # stacked in the sources' dtype, then cast: a GPU concatenates same-dtype inputs in one kernel (into another
+        # dtype it copies them one by one)
+        x = torch.stack([self.rows_of(local(s)) for s in sources[self.k0:self.k1]])
+        x = x if x.dtype == torch.float32 else x.float()
         pt = b.projections_t()[self.k0:self.k1]
         torch.bmm(x.view(kc, -1, b.r), pt, out=out.view(kc, -1, b.d))
         return out
@@ -199,7 +201,9 @@ def write(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor], decay
             projection_seed(u0.group.seed, f"{u0.layer_name}#wave{pieces[0].r0}", step))  # (meta: memwrap.simulate)
         bits = flat.view(torch.int32)
         bits.add_(torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=flat.device, generator=g))
-        high = flat.view(torch.int16)[1::2].view(torch.bfloat16)  # the rounded bfloat16 values, in place
+        # the rounded bfloat16 values are the high halves, made dense (one kernel) so that the copy into the weights
+        # is one multi-tensor kernel on a GPU (a strided source would be copied tensor by tensor)
+        high = flat.view(torch.int16)[1::2].view(torch.bfloat16).contiguous()
         rounded = views(high, pieces)
         values = [r.transpose(-1, -2) if p.bucket.transposed else r for p, r in zip(pieces, rounded, strict=True)]
     elif any(p.bucket.stochastic for p in pieces):  # fp16 (or a big-endian host): one piece at a time

@@ -209,8 +209,7 @@ def carry_many(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
             carry(*items[0])
             continue
         locs = [loc for loc, _ in items]
-        x = torch.empty((len(locs), *shape), dtype=torch.float32, device=device)
-        torch.stack(locs, out=x)
+        x = torch.stack(locs).float()  # one kernel each on a GPU (a stack into another dtype copies one by one)
         ts = torch.stack([t for _, t in items]).to(device)
         moved = torch.bmm(x.view(len(locs), -1, shape[-1]), ts)
         torch._foreach_copy_(locs, list(moved.view(len(locs), *shape).unbind(0)))
