@@ -220,3 +220,22 @@ def test_a_write_behind_autograds_back_is_still_caught_at_the_step():
     with pytest.raises(memwrap.UnmergedUpdateError):
         opt.step()
     assert torch.equal(unit.weight.detach(), before)
+
+
+def test_bench_gpu_speed_mode_runs_on_a_cpu_before_gpu_time_is_spent_on_it():
+    """tools/bench_gpu.py --speed with a tiny shape on the CPU: both runs train and the ratio line is printed, so a
+    lent GPU's minutes go to measuring, not to a crash in the script."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_gpu.py"), "--speed", "--device", "cpu",
+                          "--shapes", "tiny", "--steps", "5"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    rows = {line.split()[1]: line.split() for line in lines if line.startswith("tiny ")}
+    assert set(rows) == {"plain", "memwrap"}
+    assert all(float(rows[h][2]) > 0 for h in rows)  # step ms
+    ratio = next(line for line in lines if "ratio" in line)
+    assert float(ratio.split()[1].rstrip("x")) > 0

@@ -34,6 +34,8 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 
 def peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
     name = torch.cuda.get_device_name()
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
@@ -126,10 +128,24 @@ SPEED_SHAPES = {
                            vocab_size=32000), 4, 2048, False),
     "llama-small-compiled": (dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                                   num_attention_heads=16, num_key_value_heads=16, vocab_size=32000), 4, 1024, True),
+    # a dry run of this script's code paths on a CPU (--device cpu), before GPU time is spent on it
+    "tiny": (dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256), 2, 32, False),
+    "tiny-compiled": (dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=256), 2, 32, True),
 }
 
 
-def speed(name: str, steps: int) -> None:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def speed(name: str, steps: int, device: torch.device) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw, batch, seq, compiled = SPEED_SHAPES[name]
@@ -139,36 +155,37 @@ def speed(name: str, steps: int) -> None:
     runs = {}
     for how in ("plain", "memwrap"):
         torch.manual_seed(0)
-        with torch.device("cuda"):
+        with device:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         if how == "plain":
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         else:
             memwrap.wrap(model, rank=config.hidden_size // 32, granularity=4)
             opt = memwrap.optimizer(model, lr=1e-5)
         fwd = torch.compile(model) if compiled else model
         runs[how] = (model, fwd, opt, {"forward": [], "backward": [], "optimizer": [], "step": [], "peak": []})
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     for _ in range(steps):
         for _, fwd, opt, times in runs.values():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             marks = [time.perf_counter()]
             loss = fwd(input_ids=ids, labels=ids).loss
-            torch.cuda.synchronize()
+            _sync(device)
             marks.append(time.perf_counter())
             loss.backward()
             del loss
-            torch.cuda.synchronize()
+            _sync(device)
             marks.append(time.perf_counter())
             opt.step()
             opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            _sync(device)
             marks.append(time.perf_counter())
             for phase, a, b in zip(("forward", "backward", "optimizer"), marks, marks[1:], strict=False):
                 times[phase].append(b - a)
             times["step"].append(marks[-1] - marks[0])
-            times["peak"].append(torch.cuda.max_memory_allocated())
+            times["peak"].append(_peak(device))
     med = {how: {k: statistics.median(v[2:]) for k, v in r[3].items()} for how, r in runs.items()}
     params = sum(p.numel() for p in runs["plain"][0].parameters())
     p, m = med["plain"], med["memwrap"]
@@ -179,11 +196,12 @@ def speed(name: str, steps: int) -> None:
         print(f"{name:<22}{how:<9}{t['step'] * 1e3:>9.1f}{t['forward'] * 1e3:>9.1f}{t['backward'] * 1e3:>9.1f}"
               f"{t['optimizer'] * 1e3:>9.1f}{batch * seq / t['step']:>10.0f}"
               f"{(f'{tflops / peak:.1%}' if peak else '-'):>7}{t['peak'] / 1e9:>9.2f}")
+    peak_ratio = f"{m['peak'] / p['peak']:>8.2f}x" if p["peak"] else f"{'-':>9}"
     print(f"{'':<22}{'ratio':<9}{m['step'] / p['step']:>8.2f}x{m['forward'] / p['forward']:>8.2f}x"
-          f"{m['backward'] / p['backward']:>8.2f}x{m['optimizer'] / p['optimizer']:>8.2f}x{'':>17}"
-          f"{m['peak'] / p['peak']:>8.2f}x")
+          f"{m['backward'] / p['backward']:>8.2f}x{m['optimizer'] / p['optimizer']:>8.2f}x{'':>17}{peak_ratio}")
     del runs
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -193,16 +211,25 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--speed", action="store_true", help="plain vs memwrap step time on the speed shapes")
-    ap.add_argument("--shapes", default=",".join(SPEED_SHAPES), help="with --speed: which shapes")
+    ap.add_argument("--shapes", default="tinyllama-1.1b,qwen3-moe-64x,llama-small-compiled",
+                    help=f"with --speed: which of {', '.join(SPEED_SHAPES)}")
+    ap.add_argument("--device", default="cuda", help="with --speed: 'cpu' dry-runs the code paths (tiny shapes)")
     args = ap.parse_args()
+    header = (f"{'shape':<22}{'run':<9}{'step ms':>9}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}{'tok/s':>10}{'MFU':>7}"
+              f"{'peak GB':>9}")
+    if args.speed and args.device == "cpu":
+        print(f"CPU dry run, torch {torch.__version__}, memwrap {memwrap.__version__} (times are not a GPU's)")
+        print(header)
+        for name in args.shapes.split(","):
+            speed(name, max(args.steps, 5), torch.device("cpu"))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs a CUDA GPU; on a CPU use `memwrap plan MODEL --budget-gb N --simulate`.")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, memwrap {memwrap.__version__}")
     if args.speed:
-        print(f"{'shape':<22}{'run':<9}{'step ms':>9}{'fwd ms':>9}{'bwd ms':>9}{'opt ms':>9}{'tok/s':>10}{'MFU':>7}"
-              f"{'peak GB':>9}")
+        print(header)
         for name in args.shapes.split(","):
-            speed(name, max(args.steps, 5))
+            speed(name, max(args.steps, 5), torch.device("cuda"))
         return
     for spec in args.runs.split(","):
         run(spec, args.batch_size, args.seq_len, args.steps)
