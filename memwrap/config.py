@@ -186,6 +186,9 @@ class Plan:
     phases: tuple[tuple[str, int], ...] = ()  # the steady-state step's simulated peak after each phase, bytes
     step_time_overhead: float | None = None  # predicted step time over plain training (recomputed FLOPs)
     optimizer: str | None = None  # the optimizer whose state bytes the plan counted; memwrap.optimizer builds it
+    # the most bytes one wave of the grouped step may take (memwrap.compress.grouped); 0: MERGE_CHUNK_BYTES. The planner
+    # lowers it (never below one weight's) where the step, not the forward, is what would exceed the budget
+    step_wave_bytes: int = 0
     notes: tuple[str, ...] = field(default=())
 
     # ---- derived numbers -------------------------------------------------------------------------

@@ -239,3 +239,27 @@ def test_bench_gpu_speed_mode_runs_on_a_cpu_before_gpu_time_is_spent_on_it():
     assert all(float(rows[h][2]) > 0 for h in rows)  # step ms
     ratio = next(line for line in lines if "ratio" in line)
     assert float(ratio.split()[1].rstrip("x")) > 0
+
+
+def test_a_tight_budget_gets_smaller_step_waves_not_more_compression(tmp_path):
+    """Where the optimizer step is what would exceed the budget, the planner shrinks the step's waves (speed, not
+    quality): the plan says so, its simulated steady-state step fits, and the wrapped model's waves obey it."""
+    from tiny import tiny_llama
+
+    from memwrap.compress.base import MERGE_CHUNK_BYTES
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    roomy = memwrap.plan(str(tmp_path), budget_gb=1.0, batch_size=1, seq_len=8, dtype="fp32", device="cpu")
+    tight = memwrap.plan(str(tmp_path), budget_gb=0.0016, batch_size=1, seq_len=8, dtype="fp32", device="cpu")
+    assert roomy.step_wave_bytes == 0  # the default, MERGE_CHUNK_BYTES
+    assert 0 < tight.step_wave_bytes < MERGE_CHUNK_BYTES
+    assert any("waves of at most" in n for n in tight.notes)
+    assert max(v for _, v in tight.phases) <= 0.0016e9
+    assert [lp.r for lp in tight.layers] == [lp.r for lp in roomy.layers]  # the same compression
+    model = tiny_llama()
+    memwrap.wrap(model, plan=tight)
+    units = merge.units_of(model)
+    waves = grouped.waves_of(grouped.buckets_of(units))
+    assert all(sum(p.numel for p in wave) * grouped.MERGE_BYTES_PER_ELEMENT <= tight.step_wave_bytes
+               or len(wave) == 1 for wave in waves)
+    assert len(waves) > 1

@@ -204,7 +204,9 @@ def stochastic_round_fp16(x: torch.Tensor, generator: torch.Generator | None) ->
 
 
 STOCHASTIC_ROUNDING = {torch.bfloat16: stochastic_round_bf16, torch.float16: stochastic_round_fp16}
-MERGE_CHUNK_BYTES = 64 << 20  # the merge's transient (lift, fp32 copy, rounding noise) stays below this
+# the merge's transient (lift, fp32 copy, rounding noise) stays below this: large enough that each kernel of a wave of
+# the grouped step (memwrap.compress.grouped) runs far longer than its launch takes on a GPU (~13M elements)
+MERGE_CHUNK_BYTES = 256 << 20
 MERGE_BYTES_PER_ELEMENT = 20  # what one weight element costs while it is merged (bf16 + stochastic rounding)
 
 

@@ -36,9 +36,11 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 CPU_WAVE_BYTES = 16 << 20  # on a CPU, waves this small reuse the allocator's memory instead of faulting fresh pages in
 
 
-def wave_bytes(device: torch.device) -> int:
-    """The transient one wave may take: MERGE_CHUNK_BYTES, or less on a CPU (where it measures faster)."""
-    return min(MERGE_CHUNK_BYTES, CPU_WAVE_BYTES) if device.type == "cpu" else MERGE_CHUNK_BYTES
+def wave_bytes(bucket: Bucket) -> int:
+    """The transient one wave may take: the plan's `step_wave_bytes` (the planner lowers it where the step would
+    exceed the budget), else MERGE_CHUNK_BYTES; at most CPU_WAVE_BYTES on a CPU (where that measures faster)."""
+    budget = getattr(bucket.units[0], "wave_bytes", None) or MERGE_CHUNK_BYTES
+    return min(budget, CPU_WAVE_BYTES) if bucket.device.type == "cpu" else budget
 
 
 def signature(unit: CompressedWeight) -> tuple:
@@ -131,7 +133,7 @@ class Piece:
 
 
 def pieces_of(bucket: Bucket, per_element: int = MERGE_BYTES_PER_ELEMENT) -> list[Piece]:
-    budget = wave_bytes(bucket.device)
+    budget = wave_bytes(bucket)
     one = bucket.experts * bucket.n * bucket.m * per_element  # bytes of one whole weight while it is merged
     if one <= budget:
         kc = max(1, budget // one)
@@ -146,7 +148,7 @@ def waves_of(buckets: list[Bucket], per_element: int = MERGE_BYTES_PER_ELEMENT) 
     waves: list[list[Piece]] = []
     size = 0
     for bucket in buckets:
-        budget = wave_bytes(bucket.device)
+        budget = wave_bytes(bucket)
         for piece in pieces_of(bucket, per_element):
             nbytes = piece.numel * per_element
             if not waves or size + nbytes > budget:

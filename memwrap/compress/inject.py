@@ -348,6 +348,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[CompressedLinear]:
         m.is_head = m is head
     loss.guard_head(model)
     wrapped = [m for _, m in built] + [u for us in units.values() for u in us]
+    for unit in wrapped:
+        unit.wave_bytes = plan.step_wave_bytes or None
     object.__setattr__(model, PRECHECK_ATTR, model.register_forward_pre_hook(PreForwardCheck(wrapped)))
     return wrapped
 

@@ -653,11 +653,12 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
                     N * max(shape.intermediate, shape.moe_intermediate * max(shape.top_k, 1)) * dtype_bytes * 2,
                     recompute) + zero_transient
     forward_peak = weight_bytes + states + saved + live_logits + transient
-    # the step's transient: an exact weight's optimizer temporaries (memwrap.optimizer works a block of rows at a
-    # time; plain AdamW's single-tensor path holds two temporaries of the weight), or one block of a merge
+    # the step's transient: the exact weights' optimizer temporaries (memwrap.optimizer: a wave of them at a time;
+    # plain AdamW's single-tensor path holds two temporaries of the weight), or one wave of the grouped merge
     plan = _layer_settings(layers)
-    exact_max = max((w.numel for w in weights if w.name not in plan and w.trainable), default=0)
-    exact_temp = exact_max * pb * 2 if layers is None else min(MERGE_CHUNK_BYTES, exact_max * pb)
+    exact = [w.numel for w in weights if w.name not in plan and w.trainable]
+    exact_temp = max(exact, default=0) * pb * 2 if layers is None else min(MERGE_CHUNK_BYTES, sum(exact) * pb)
+    # (the least a wave can be: one weight; the planner lets waves grow to fill what the step leaves of the budget)
     merge = min(MERGE_CHUNK_BYTES, max((lp.weight_numel for lp in plan.values()), default=0) * MERGE_BYTES_PER_ELEMENT)
     step_peak = weight_bytes + grads + states + max(exact_temp, merge)
     peak = max(forward_peak, step_peak)

@@ -6,6 +6,10 @@ sees every op the step dispatches on any device, so the counts measured on a CPU
 View and metadata ops (views, `detach`, allocations, `set_`) launch nothing and are left out. Ops run inside other ops
 (a foreach op's per-tensor fallback on the CPU) are not seen: one dispatched op, as a GPU runs it in one
 multi-tensor kernel.
+
+`bytes` is the memory traffic of the kernel ops, as a GPU's memory-bound kernels move it: the bytes of every tensor an
+op reads plus every tensor it writes (an in-place op's target both). A step whose kernels are few is memory-bound, and
+its time follows these bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 HOST_SYNCS = frozenset({"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2",
@@ -22,12 +28,20 @@ NO_KERNEL = frozenset({"detach", "empty", "empty_like", "empty_strided", "new_em
                        "record_stream"})
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes a kernel moves for a tensor: its elements (a broadcast view's one storage element counts once)."""
+    if t.numel() and not all(t.stride()) and t.ndim:
+        return t.untyped_storage().nbytes() if t.device.type != "meta" else t.element_size()
+    return t.numel() * t.element_size()
+
+
 @dataclass
 class OpCounts:
     """Kernel ops and host syncs, by op name."""
 
     kernels: Counter = field(default_factory=Counter)
     syncs: Counter = field(default_factory=Counter)
+    bytes: int = 0
 
     @property
     def n_kernels(self) -> int:
@@ -51,6 +65,13 @@ class CountOps(TorchDispatchMode):
             self.counts.syncs[name] += 1
         elif not func.is_view and name not in NO_KERNEL:
             self.counts.kernels[name] += 1
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            read = [t for t in pytree.tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
+                    if isinstance(t, torch.Tensor)]
+            self.counts.bytes += sum(_nbytes(t) for t in read) + sum(
+                _nbytes(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
         return func(*args, **(kwargs or {}))
 
 

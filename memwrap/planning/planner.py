@@ -528,7 +528,20 @@ def settle(make, run, budget_bytes: int, device, source: str, *, zero=None, veri
         steady = max(sim.steps[-1].values())
         res = card.reserves(steady, device, source)
         total = steady + sum(res.values())
+        for _ in range(2):  # the overshoot twice over, then one weight's (waves hold whole pieces: it steps unevenly)
+            smaller = _smaller_waves(p, total - budget_bytes) if total > budget_bytes and _step_is_the_peak(sim) else None
+            if smaller is None:
+                break
+            p = replace(p, step_wave_bytes=smaller)  # the step's waves shrink first: speed, never quality
+            sim = run(p)
+            steady = max(sim.steps[-1].values())
+            res = card.reserves(steady, device, source)
+            total = steady + sum(res.values())
         if total <= budget_bytes:
+            if p.step_wave_bytes:
+                p = replace(p, notes=p.notes + (
+                    f"the optimizer step works in waves of at most {_fmt_bytes(p.step_wave_bytes)} of temporaries "
+                    "(lowered so that the step fits the budget: the same updates, in more kernels)",))
             p = replace(p, phases=tuple(sim.steps[-1].items()))
             return _with_reserves(p, steady, res, f"peak: the steady-state step (step 2 on) simulated on fake tensors; "
                                                   f"the byte model said {_fmt_bytes(dict(p.memory)['peak'])}")
@@ -536,6 +549,27 @@ def settle(make, run, budget_bytes: int, device, source: str, *, zero=None, veri
     raise BudgetTooSmallError(f"nothing fits a budget of {_fmt_bytes(budget_bytes)}: the simulated steady-state step "
                               f"needs {_fmt_bytes(total)} with the reserves at the closest plan; use a smaller batch or "
                               "sequence, or a larger device.", min_budget_bytes=int(total), max_batch_size=None)
+
+
+def _step_is_the_peak(sim) -> bool:
+    """Whether the optimizer step raised the steady-state step's peak (phases are peaks since the step's start)."""
+    steady = sim.steps[-1]
+    return steady["optimizer"] > steady["backward"]
+
+
+def _smaller_waves(p: Plan, overshoot: int) -> int | None:
+    """A step_wave_bytes twice `overshoot` (and 1/8) below the wave in use, then one weight's merge (the floor); None
+    at the floor."""
+    from ..compress.base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES
+
+    numels = [lp.weight_numel for lp in p.layers]
+    current = min(p.step_wave_bytes or MERGE_CHUNK_BYTES, sum(numels) * MERGE_BYTES_PER_ELEMENT)  # the wave in use
+    floor = min(MERGE_CHUNK_BYTES, max(numels, default=0) * MERGE_BYTES_PER_ELEMENT)
+    if current <= floor:
+        return None
+    if p.step_wave_bytes:  # lowered once already: the least
+        return floor
+    return max(floor, current - 2 * overshoot - current // 8)
 
 
 def _with_reserves(p: Plan, peak: int, res: dict[str, int], note: str) -> Plan:
