@@ -65,7 +65,8 @@ def main():
     engine.eval()
     with torch.no_grad():  # the trained model, through its engine (ZeRO-3 gathers the shards)
         ours = engine(input_ids=ids).logits
-    if not trainer.is_world_process_zero():  # rank 0 checks the export
+    torch.distributed.barrier()  # every rank past the save: the files are complete before anyone reads them
+    if torch.distributed.get_rank() != 0:  # rank 0 checks the export
         return
     unset_hf_deepspeed_config()  # as in a fresh process: otherwise a ZeRO-3 config builds the model partitioned
     plain = AutoModelForCausalLM.from_pretrained(out + "/final")  # plain transformers, no memwrap

@@ -134,19 +134,24 @@ def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -
     row_stats = _split(stats[:sum(n_rows)], n_rows, [(len(b), *b.lead, b.n) for b in buckets])
     col_stats = _split(stats[sum(n_rows):], n_cols, [(len(b), *b.lead, b.m) for b in buckets])
     where = {id(b): i for i, b in enumerate(buckets)}
+    split = set()  # buckets whose column sums of squares are accumulated over row pieces
     for wave in grouped.waves_of(buckets):  # pass 1: the means of Ĝ² over columns (rows' factor) and rows (columns')
         flat, ys = grouped.wave_buffer(wave)
         for piece, y in zip(wave, ys, strict=True):
-            piece.lift([by_id[id(u)][0] for u in piece.bucket.units], y)
-        flat.square_()
-        for piece, y in zip(wave, ys, strict=True):
             i = where[id(piece.bucket)]
-            torch.mean(y, -1, out=row_stats[i][piece.k0:piece.k1, ..., piece.r0:piece.r1])
+            piece.lift([by_id[id(u)][0] for u in piece.bucket.units], y)
+            # norms read Ĝ once each (squaring it first would write and read it again): squared and scaled below
+            torch.linalg.vector_norm(y, dim=-1, out=row_stats[i][piece.k0:piece.k1, ..., piece.r0:piece.r1])
             if piece.r1 - piece.r0 == piece.bucket.n:
-                torch.mean(y, -2, out=col_stats[i][piece.k0:piece.k1])
+                torch.linalg.vector_norm(y, dim=-2, out=col_stats[i][piece.k0:piece.k1])
             else:
-                col_stats[i][piece.k0:piece.k1].add_(y.sum(-2), alpha=1 / piece.bucket.n)
+                col_stats[i][piece.k0:piece.k1].add_(torch.linalg.vector_norm(y, dim=-2).square_())
+                split.add(i)
         del flat, ys
+    for i in split:
+        col_stats[i].sqrt_()
+    stats.square_()
+    torch._foreach_mul_(row_stats + col_stats, [1 / b.m for b in buckets] + [1 / b.n for b in buckets])
     stats.add_(1e-30)
     kept = [by_id[id(u)][1]["v_row"] for b in buckets for u in b.units] + \
            [by_id[id(u)][1]["v_col"] for b in buckets for u in b.units]
@@ -169,15 +174,15 @@ def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -
     rs_flat.sqrt_().neg_()
     del stats, moments, means
     moment_of = {id(u): by_id[id(u)][1]["exp_avg"] for u in units}
+    neg_eps = torch.full((), -eps / scale, dtype=torch.float32, device=device)
     for wave in grouped.waves_of(buckets):  # pass 2: the update, merged
         flat, ys = grouped.wave_buffer(wave)
         denom_flat, denoms = grouped.wave_buffer(wave)
         for piece, y, denom in zip(wave, ys, denoms, strict=True):
             i = where[id(piece.bucket)]
             piece.lift([moment_of[id(u)] for u in piece.bucket.units], y)
-            torch.mul(rs[i][piece.k0:piece.k1, ..., piece.r0:piece.r1].unsqueeze(-1),
-                      cols[i][piece.k0:piece.k1].unsqueeze(-2), out=denom)
-        denom_flat.sub_(eps / scale)
+            torch.addcmul(neg_eps, rs[i][piece.k0:piece.k1, ..., piece.r0:piece.r1].unsqueeze(-1),
+                          cols[i][piece.k0:piece.k1].unsqueeze(-2), out=denom)  # one pass: rs ⊗ cs − eps / s
         flat.div_(denom_flat)
         del denom_flat, denoms
         grouped.write(wave, flat, ys, decay, step)
