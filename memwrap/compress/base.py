@@ -287,16 +287,6 @@ class CompressedWeight:
         add_to_weight(self.weight, delta.transpose(-1, -2) if self.transposed else delta, decay,
                       stochastic=self.stochastic_rounding, seed=self.group.seed, name=self.layer_name, step=step)
 
-    def apply_delta_rows(self, delta: torch.Tensor, decay: float, step: int, r0: int) -> None:
-        """W[…, r0:r0+b, :] ← W[…, rows]·decay + delta, delta (…, b, m) in the logical orientation (its own rounding
-        stream, seeded by layer, step and first row)."""
-        w = local(self.weight)
-        rows = slice(r0, r0 + delta.shape[-2])
-        target = w[..., :, rows] if self.transposed else w[..., rows, :]
-        add_to_weight(target, delta.transpose(-1, -2) if self.transposed else delta, decay,
-                      stochastic=self.stochastic_rounding, seed=self.group.seed, name=f"{self.layer_name}@{r0}",
-                      step=step)
-
     def merge(self, delta_coords: torch.Tensor, decay: float, step: int) -> None:
         """W ← W·decay + lift(delta_coords), a block of output rows at a time (the transient stays bounded).
 
