@@ -222,18 +222,25 @@ def optimizer(
     weight_decay: float = 0.0,
     error_feedback: bool = False,
     no_decay=("bias", "norm", "embed"),
+    compile_step: bool = False,
 ) -> torch.optim.Optimizer:
     """The matching optimizer: ProjFactor or subspace AdamW ("adamw") for wrapped layers, AdamW for the rest.
 
     kind=None takes the one the plan counted (a plan from a memory budget names it), else subspace AdamW: it is
     closer to AdamW's loss (tools/quality.py, docs/quality.md); ProjFactor keeps about 30% fewer state bytes.
+    compile_step=True writes bf16 weights through one torch.compile'd kernel per wave (the update, its decay and the
+    stochastic rounding fused; the first step compiles it). Experimental: not yet measured on a GPU.
     """
     from .optim import MemwrapOptimizer
 
     state = inject.require_wrapped(model, "optimizer")
     kind = kind if kind is not None else (state.plan.optimizer or "adamw")
-    return MemwrapOptimizer.for_model(model, lr=lr, kind=kind, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      error_feedback=error_feedback, no_decay=_as_tuple(no_decay, "no_decay") or ())
+    if not isinstance(compile_step, bool):
+        raise InvalidSettingsError(f"compile_step={compile_step!r} must be True or False.")
+    opt = MemwrapOptimizer.for_model(model, lr=lr, kind=kind, betas=betas, eps=eps, weight_decay=weight_decay,
+                                     error_feedback=error_feedback, no_decay=_as_tuple(no_decay, "no_decay") or ())
+    opt.compile_step = compile_step
+    return opt
 
 
 def simulate(model_or_config, plan=None, *, batch_size: int | None = None, seq_len: int | None = None, steps: int = 3,

@@ -235,10 +235,10 @@ def test_bench_gpu_speed_mode_runs_on_a_cpu_before_gpu_time_is_spent_on_it():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     rows = {line.split()[1]: line.split() for line in lines if line.startswith("tiny ")}
-    assert set(rows) == {"plain", "memwrap"}
+    assert set(rows) == {"plain", "memwrap", "memwrap+cs"}
     assert all(float(rows[h][2]) > 0 for h in rows)  # step ms
-    ratio = next(line for line in lines if "ratio" in line)
-    assert float(ratio.split()[1].rstrip("x")) > 0
+    ratios = [line for line in lines if "ratio" in line]
+    assert len(ratios) == 2 and float(ratios[0].split()[1].rstrip("x")) > 0
 
 
 def test_a_tight_budget_gets_smaller_step_waves_not_more_compression(tmp_path):
@@ -263,3 +263,67 @@ def test_a_tight_budget_gets_smaller_step_waves_not_more_compression(tmp_path):
     assert all(sum(p.numel for p in wave) * grouped.MERGE_BYTES_PER_ELEMENT <= tight.step_wave_bytes
                or len(wave) == 1 for wave in waves)
     assert len(waves) > 1
+
+
+# ---- the fused write (memwrap.optimizer(compile_step=True)) ------------------------------------------------------
+def test_hash_noise_is_uniform_16_bit_noise():
+    """16 equal bins of the noise of 2**16 elements hold 1/16 each within 5 standard errors, for two seeds; the two
+    seeds' draws are uncorrelated (|r| < 5/sqrt(n))."""
+    n = 1 << 16
+    draws = [grouped.hash_noise(n, torch.tensor(seed), "cpu") for seed in (1, 2)]
+    for d in draws:
+        assert int(d.min()) >= 0 and int(d.max()) < 1 << 16
+        counts = torch.bincount(d.long() >> 12, minlength=16).float()
+        sd = math.sqrt(n * (1 / 16) * (15 / 16))
+        assert ((counts - n / 16).abs() < 5 * sd).all(), counts
+    a, b = (d.double() - d.double().mean() for d in draws)
+    r = (a * b).sum() / (a.norm() * b.norm())
+    assert abs(r.item()) < 5 / math.sqrt(n)
+
+
+def test_fused_rounding_is_unbiased():
+    """fused_round(y, w, decay, seed) over 400 seeds: the mean of each element equals y + decay·w within 5 standard
+    errors (each draw within one bf16 ulp)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, generator=g).bfloat16()
+    y = torch.randn(4096, generator=g) * 1e-4
+    decay = torch.tensor(0.999)
+    exact = y + w.float() * decay
+    trials = 400
+    total = torch.zeros(4096, dtype=torch.float64)
+    for seed in range(trials):
+        total += grouped.fused_round(y, w, decay, torch.tensor(seed)).double()
+    ulp = (exact.abs().log2().floor() - 7).exp2().double()
+    sem = (ulp**2 / 4 / trials).sqrt()
+    assert ((total / trials - exact.double()).abs() <= 5 * sem).float().mean() > 0.999
+
+
+def test_compiled_step_rounds_the_values_the_eager_step_rounds():
+    """memwrap.optimizer(compile_step=True) on a bf16 model: one step lands every weight element on one of the two bf16
+    neighbours of the value the eager step rounds (within one ulp of it), and changes the weights like it does."""
+    def one_step(compile_step):
+        model = tiny("llama").to(torch.bfloat16)
+        memwrap.wrap(model, rank=4, granularity=2)
+        opt = memwrap.optimizer(model, lr=1e-2, weight_decay=0.1, compile_step=compile_step)
+        ids = batch(0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        before = {u.layer_name: u.weight.detach().float().clone() for u in merge.units_of(model)}
+        opt.step()
+        return before, {u.layer_name: u.weight.detach().float().clone() for u in merge.units_of(model)}
+
+    before, eager = one_step(False)
+    _, fused = one_step(True)
+    assert grouped._COMPILED.get("fn") not in (None, grouped.fused_round)  # it ran compiled (no fallback)
+    moved = 0
+    for name, w in eager.items():
+        ulp = (w.abs().clamp_min(1e-30).log2().floor() - 7).exp2()
+        assert ((fused[name] - w).abs() <= ulp * 1.001).all(), name
+        moved += int((fused[name] != before[name]).sum())
+    assert moved > 0.5 * sum(w.numel() for w in eager.values())
+
+
+def test_compile_step_must_be_a_bool():
+    model = tiny("llama")
+    memwrap.wrap(model, rank=4, granularity=2)
+    with pytest.raises(memwrap.errors.InvalidSettingsError):
+        memwrap.optimizer(model, compile_step="yes")

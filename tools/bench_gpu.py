@@ -14,9 +14,10 @@ peak), and the step-time breakdown (forward / backward / optimizer, medians of s
 Default runs: Llama-2-7B at 24 GB (batch 8 × 2048), Qwen1.5-MoE-A2.7B at 40 GB, and Llama-2-7B plain.
 
 --speed: for each shape, plain training (torch AdamW, fused=True) and memwrap at a fixed 1/8 (`wrap(rank=hidden/32,
-granularity=4)`, default savings, `memwrap.optimizer`) on the same model, alternating steps so both see the same GPU
-state; medians of steps 3 on. Shapes: TinyLlama-1.1B (hidden 2048, 22 layers) at 4 × 2048, Qwen3-MoE (hidden 1024,
-8 layers, 64 experts, top-8) at 4 × 2048, a small Llama (hidden 1024, 4 layers) at 4 × 1024 under torch.compile.
+granularity=4)`, default savings, `memwrap.optimizer`, eager and with `compile_step=True` as "memwrap+cs") on the same
+model, alternating steps so all see the same GPU state; medians of steps 3 on. Shapes: TinyLlama-1.1B (hidden 2048,
+22 layers) at 4 × 2048, Qwen3-MoE (hidden 1024, 8 layers, 64 experts, top-8) at 4 × 2048, a small Llama (hidden 1024,
+4 layers) at 4 × 1024 under torch.compile.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def speed(name: str, steps: int, device: torch.device) -> None:
     config = AutoConfig.for_model(kw.pop("model_type"), max_position_embeddings=seq, tie_word_embeddings=False, **kw)
     config._attn_implementation = "sdpa"
     runs = {}
-    for how in ("plain", "memwrap"):
+    for how in ("plain", "memwrap", "memwrap+cs"):
         torch.manual_seed(0)
         with device:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -161,7 +162,7 @@ def speed(name: str, steps: int, device: torch.device) -> None:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         else:
             memwrap.wrap(model, rank=config.hidden_size // 32, granularity=4)
-            opt = memwrap.optimizer(model, lr=1e-5)
+            opt = memwrap.optimizer(model, lr=1e-5, compile_step=how.endswith("+cs"))
         fwd = torch.compile(model) if compiled else model
         runs[how] = (model, fwd, opt, {"forward": [], "backward": [], "optimizer": [], "step": [], "peak": []})
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
@@ -188,17 +189,20 @@ def speed(name: str, steps: int, device: torch.device) -> None:
             times["peak"].append(_peak(device))
     med = {how: {k: statistics.median(v[2:]) for k, v in r[3].items()} for how, r in runs.items()}
     params = sum(p.numel() for p in runs["plain"][0].parameters())
-    p, m = med["plain"], med["memwrap"]
+    p = med["plain"]
     peak = peak_tflops()
-    for how in ("plain", "memwrap"):
+    for how in med:
         t = med[how]
         tflops = 6 * params * batch * seq / t["step"] / 1e12
         print(f"{name:<22}{how:<9}{t['step'] * 1e3:>9.1f}{t['forward'] * 1e3:>9.1f}{t['backward'] * 1e3:>9.1f}"
               f"{t['optimizer'] * 1e3:>9.1f}{batch * seq / t['step']:>10.0f}"
               f"{(f'{tflops / peak:.1%}' if peak else '-'):>7}{t['peak'] / 1e9:>9.2f}")
-    peak_ratio = f"{m['peak'] / p['peak']:>8.2f}x" if p["peak"] else f"{'-':>9}"
-    print(f"{'':<22}{'ratio':<9}{m['step'] / p['step']:>8.2f}x{m['forward'] / p['forward']:>8.2f}x"
-          f"{m['backward'] / p['backward']:>8.2f}x{m['optimizer'] / p['optimizer']:>8.2f}x{'':>17}{peak_ratio}")
+    for how in ("memwrap", "memwrap+cs"):
+        m = med[how]
+        peak_ratio = f"{m['peak'] / p['peak']:>8.2f}x" if p["peak"] else f"{'-':>9}"
+        print(f"{'':<22}{'ratio ' + ('cs' if how.endswith('cs') else ''):<9}{m['step'] / p['step']:>8.2f}x"
+              f"{m['forward'] / p['forward']:>8.2f}x{m['backward'] / p['backward']:>8.2f}x"
+              f"{m['optimizer'] / p['optimizer']:>8.2f}x{'':>17}{peak_ratio}")
     del runs
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -116,7 +116,7 @@ def _projfactor_update(module, g, state, lr, beta1, beta2, eps, step, rows=None)
     return module.lifted(exp_avg).div_(denom).mul_(-lr / bc1)
 
 
-def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -> None:
+def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay, fused=False) -> None:
     """ProjFactor for many compressed weights at one step count (their first moments already updated), grouped by
     shape (memwrap.compress.grouped): its weight-shaped temporaries (Ĝ², v̂, the lifted moment: fp32) are built a wave
     at a time, within MERGE_CHUNK_BYTES. Two passes: the second-moment factors need every row (the column factor is a
@@ -185,7 +185,7 @@ def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -
                           cols[i][piece.k0:piece.k1].unsqueeze(-2), out=denom)  # one pass: rs ⊗ cs − eps / s
         flat.div_(denom_flat)
         del denom_flat, denoms
-        grouped.write(wave, flat, ys, decay, step)
+        grouped.write(wave, flat, ys, decay, step, fused)
 
 
 def _split(flat: torch.Tensor, sizes: list[int], shapes: list | None = None) -> list[torch.Tensor]:
@@ -198,7 +198,7 @@ def _split(flat: torch.Tensor, sizes: list[int], shapes: list | None = None) -> 
     return out
 
 
-def _subspace_adamw_many(units, grads, states, lr, beta1, beta2, eps, step, decay) -> None:
+def _subspace_adamw_many(units, grads, states, lr, beta1, beta2, eps, step, decay, fused=False) -> None:
     """Subspace AdamW for many compressed weights at one step count (first moments already updated): the second
     moments with foreach ops, the update m̂ / (sqrt(v̂) + eps) in the subspace a wave at a time, lifted and merged."""
     sqs = [st["exp_avg_sq"] for st in states]
@@ -227,7 +227,7 @@ def _subspace_adamw_many(units, grads, states, lr, beta1, beta2, eps, step, deca
             sources = [mine.get(id(u)) for u in piece.bucket.units]
             sub.lift(sources, y)
         del update
-        grouped.write(wave, flat, ys, decay, step)
+        grouped.write(wave, flat, ys, decay, step, fused)
 
 
 class MemwrapOptimizer(torch.optim.Optimizer):
@@ -243,6 +243,7 @@ class MemwrapOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._release_tried: set[int] = set()
         self._counts: dict[int, int] = {}  # id(param) -> its step count, mirrored on the host
+        self.compile_step = False  # bf16 weights written by one compiled kernel per wave (memwrap.optimizer sets it)
 
     @classmethod
     def for_model(cls, model: nn.Module, *, lr, kind, betas, eps, weight_decay, error_feedback, no_decay):
@@ -383,7 +384,8 @@ class MemwrapOptimizer(torch.optim.Optimizer):
                 run = _subspace_adamw_many
             if ps_modules:
                 run([m for _, m in ps_modules], [grads[id(p)] for p, _ in ps_modules],
-                    [states[id(p)] for p, _ in ps_modules], lr, beta1, beta2, eps, count, 1.0 - lr * wd)
+                    [states[id(p)] for p, _ in ps_modules], lr, beta1, beta2, eps, count, 1.0 - lr * wd,
+                    self.compile_step)
             carries = []
             for p, module in zip(ps, modules, strict=True):
                 t = self._refresh(module, states[id(p)], count, group)
