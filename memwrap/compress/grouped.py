@@ -118,17 +118,22 @@ class Piece:
         return [local(u.weight)[..., :, rows] if self.bucket.transposed else local(u.weight)[..., rows, :]
                 for u in self.units]
 
+    def stacked(self, sources: list[torch.Tensor]) -> torch.Tensor:
+        """The piece's rows of coordinate-shaped tensors (one per weight of the bucket), stacked in float32:
+        (weights, *experts, rows, c, r). Stacked in their own dtype, then cast: a GPU concatenates same-dtype inputs in
+        one kernel (into another dtype it copies them one by one)."""
+        x = torch.stack([self.rows_of(local(s)) for s in sources[self.k0:self.k1]])
+        return x if x.dtype == torch.float32 else x.float()
+
     def lift(self, sources: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """out (the piece's shape, float32) ← the lift of the sources' rows (coordinate-shaped, one per weight of
-        the bucket): one stack, one batched matmul."""
+        """out (the piece's shape, float32) ← the lift of the sources' rows: one stack, one batched matmul."""
+        return self.lift_stacked(self.stacked(sources), out)
+
+    def lift_stacked(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out ← the lift of `stacked` coordinates x: one batched matmul against the weights' stacked Pᵀ."""
         b = self.bucket
         kc = self.k1 - self.k0
-        # stacked in the sources' dtype, then cast: a GPU concatenates same-dtype inputs in one kernel (into another
-        # dtype it copies them one by one)
-        x = torch.stack([self.rows_of(local(s)) for s in sources[self.k0:self.k1]])
-        x = x if x.dtype == torch.float32 else x.float()
-        pt = b.projections_t()[self.k0:self.k1]
-        torch.bmm(x.view(kc, -1, b.r), pt, out=out.view(kc, -1, b.d))
+        torch.bmm(x.view(kc, -1, b.r), b.projections_t()[self.k0:self.k1], out=out.view(kc, -1, b.d))
         return out
 
 

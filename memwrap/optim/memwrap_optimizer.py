@@ -69,9 +69,12 @@ def _adamw_many(params, grads, states, lr, beta1, beta2, eps, wd, step) -> None:
         for r0 in range(0, rows, block):
             sl = (slice(r0, r0 + block),) if p.ndim else ()
             entries.append((p[sl], g[sl], m[sl], v[sl], p[sl].numel() * v.element_size()))
-    wave, size = [], 0
+    # one device and dtype per foreach call (a GPU runs a mixed list tensor by tensor), as torch's optimizers group them
+    entries.sort(key=lambda e: (str(e[0].device), str(e[0].dtype), str(e[2].dtype)))
+    wave, size, wave_kind = [], 0, None
     for entry in entries + [None]:
-        if entry is None or (wave and size + entry[4] > MERGE_CHUNK_BYTES):
+        kind = None if entry is None else (entry[0].device, entry[0].dtype, entry[2].dtype)
+        if entry is None or (wave and (size + entry[4] > MERGE_CHUNK_BYTES or kind != wave_kind)):
             if wave:
                 ps, gs, ms, vs = ([e[i] for e in wave] for i in range(4))
                 if any(g.dtype != m.dtype for g, m in zip(gs, ms, strict=True)):  # state keeps its dtype after a cast
@@ -90,6 +93,7 @@ def _adamw_many(params, grads, states, lr, beta1, beta2, eps, wd, step) -> None:
         if entry is not None:
             wave.append(entry)
             size += entry[4]
+            wave_kind = kind
 
 
 def _row_mean(t: torch.Tensor, dim: int, rows=None, keepdim: bool = False) -> torch.Tensor:
@@ -199,35 +203,27 @@ def _split(flat: torch.Tensor, sizes: list[int], shapes: list | None = None) -> 
 
 
 def _subspace_adamw_many(units, grads, states, lr, beta1, beta2, eps, step, decay, fused=False) -> None:
-    """Subspace AdamW for many compressed weights at one step count (first moments already updated): the second
-    moments with foreach ops, the update m̂ / (sqrt(v̂) + eps) in the subspace a wave at a time, lifted and merged."""
-    sqs = [st["exp_avg_sq"] for st in states]
-    torch._foreach_mul_(sqs, beta2)
-    torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
+    """Subspace AdamW for many compressed weights at one step count (first moments already updated), a wave at a
+    time: the second moments and the update m̂ / (sqrt(v̂) + eps) on each piece's stacked coordinates (float32, one
+    dtype per kernel: a GPU runs each in one launch), lifted and merged."""
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    if lr == 0.0:
-        return
+    grad_of = {id(u): g for u, g in zip(units, grads, strict=True)}
     state_of = {id(u): st for u, st in zip(units, states, strict=True)}
     for wave in grouped.waves_of(grouped.buckets_of(units)):
-        ms = [piece.rows_of(state_of[id(u)]["exp_avg"]) for piece in wave for u in piece.units]
-        vs = [piece.rows_of(state_of[id(u)]["exp_avg_sq"]) for piece in wave for u in piece.units]
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_mul_(denom, 1 / math.sqrt(bc2))
-        torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(ms, denom)  # float32 (the moments' promotion), coordinate-shaped
-        torch._foreach_mul_(update, -lr / bc1)
-        del denom
         flat, ys = grouped.wave_buffer(wave)
-        i = 0
         for piece, y in zip(wave, ys, strict=True):
-            mine = {id(u): update[i + j] for j, u in enumerate(piece.units)}
-            i += len(piece.units)
-            # lift takes whole coordinate tensors and cuts the piece's rows: hand it the piece's rows at row 0
-            sub = grouped.Piece(piece.bucket, piece.k0, piece.k1, 0, piece.r1 - piece.r0)
-            sources = [mine.get(id(u)) for u in piece.bucket.units]
-            sub.lift(sources, y)
-        del update
-        grouped.write(wave, flat, ys, decay, step, fused)
+            mine = piece.bucket.units
+            g = piece.stacked([grad_of[id(u)] for u in mine])
+            v = piece.stacked([state_of[id(u)]["exp_avg_sq"] for u in mine])
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            del g
+            torch._foreach_copy_([piece.rows_of(state_of[id(u)]["exp_avg_sq"]) for u in piece.units], list(v.unbind(0)))
+            update = piece.stacked([state_of[id(u)]["exp_avg"] for u in mine])
+            update.div_(v.mul_(1 / bc2).sqrt_().add_(eps)).mul_(-lr / bc1)
+            del v
+            piece.lift_stacked(update, y)
+        if lr != 0.0:
+            grouped.write(wave, flat, ys, decay, step, fused)
 
 
 class MemwrapOptimizer(torch.optim.Optimizer):
