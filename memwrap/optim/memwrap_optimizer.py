@@ -363,7 +363,11 @@ class MemwrapOptimizer(torch.optim.Optimizer):
         states = {id(p): {k: local(v) for k, v in self.state[p].items()} for p, _ in pairs}  # FSDP2: the local shards
         grads = {id(p): local(p.grad) for p, _ in pairs}
         torch._foreach_add_([states[id(p)]["step"] for p, _ in pairs], 1)
-        torch._foreach_lerp_([states[id(p)]["exp_avg"] for p, _ in pairs], [grads[id(p)] for p, _ in pairs], 1 - beta1)
+        by_kind: dict = {}  # one device and dtype per foreach call
+        for p, _ in pairs:
+            by_kind.setdefault((grads[id(p)].device, grads[id(p)].dtype), []).append(p)
+        for ps in by_kind.values():
+            torch._foreach_lerp_([states[id(p)]["exp_avg"] for p in ps], [grads[id(p)] for p in ps], 1 - beta1)
         for count, ps in by_count.items():
             self._counts.update((id(p), count) for p in ps)
             modules = [m for p, m in pairs if id(p) in {id(q) for q in ps}]
