@@ -368,9 +368,10 @@ class MemwrapOptimizer(torch.optim.Optimizer):
             by_kind.setdefault((grads[id(p)].device, grads[id(p)].dtype), []).append(p)
         for ps in by_kind.values():
             torch._foreach_lerp_([states[id(p)]["exp_avg"] for p in ps], [grads[id(p)] for p in ps], 1 - beta1)
+        module_of = {id(p): m for p, m in pairs}
         for count, ps in by_count.items():
             self._counts.update((id(p), count) for p in ps)
-            modules = [m for p, m in pairs if id(p) in {id(q) for q in ps}]
+            modules = [module_of[id(p)] for p in ps]
             if group["kind"] == "projfactor":
                 sharded = [(p, m) for p, m in zip(ps, modules, strict=True) if _sharded_rows(p) is not None]
                 for p, module in sharded:  # rows sharded over ranks (FSDP2: the means are all-reduced): whole
