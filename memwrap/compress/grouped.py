@@ -206,7 +206,7 @@ def write(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor], decay
         targets.extend(ws)
         values.append(yw)
     b0 = pieces[0].bucket
-    if b0.stochastic and b0.wdtype == torch.bfloat16 and _LITTLE_ENDIAN and all(p.bucket.stochastic for p in pieces):
+    if _LITTLE_ENDIAN and all(p.bucket.stochastic and p.bucket.wdtype == torch.bfloat16 for p in pieces):
         u0 = b0.units[pieces[0].k0]
         g = None if flat.device.type == "meta" else torch.Generator(device=flat.device).manual_seed(
             projection_seed(u0.group.seed, f"{u0.layer_name}#wave{pieces[0].r0}", step))  # (meta: memwrap.simulate)
@@ -217,7 +217,7 @@ def write(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor], decay
         high = flat.view(torch.int16)[1::2].view(torch.bfloat16).contiguous()
         rounded = views(high, pieces)
         values = [r.transpose(-1, -2) if p.bucket.transposed else r for p, r in zip(pieces, rounded, strict=True)]
-    elif any(p.bucket.stochastic for p in pieces):  # fp16 (or a big-endian host): one piece at a time
+    elif any(p.bucket.stochastic for p in pieces):  # fp16, mixed dtypes, a big-endian host: one piece at a time
         for i, piece in enumerate(pieces):
             if piece.bucket.stochastic:
                 u0 = piece.units[0]
@@ -241,7 +241,7 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def hash_noise(n: int, seed: torch.Tensor, device) -> torch.Tensor:
-    """16 uniform random bits per element (int32 in [0, 65536)): lowbias32 (C. Wellons) of index ⊕ seed."""
+    """16 uniform random bits per element (int32 in [0, 65536)): lowbias32 (C. Wellons) of (index + seed) mod 2³²."""
     x = (torch.arange(n, device=device, dtype=torch.int64) + seed) & _MASK32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
