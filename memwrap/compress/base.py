@@ -477,16 +477,19 @@ def settle_unmerged_checks(units) -> None:
         raise_unmerged(units)
 
 
-def _all_zero(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """One bool tensor: every element of every tensor is zero (a max-abs per device and dtype, then one flag); None
-    when there is nothing to check (no tensors, or only empty ones: coords a ZeRO engine partitioned away)."""
-    tensors = [t for t in tensors if t.numel()]
-    if not tensors:
-        return None
+def max_abs_flag(tensors: list[torch.Tensor], test) -> torch.Tensor:
+    """One bool tensor: `test` holds for the max-abs of every (device, dtype) group of the tensors (one fused norm per
+    group), combined on the first tensor's device. The non-finite flag and the coords check both read it."""
     groups: dict = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     device = tensors[0].device
-    flags = [torch.stack(torch._foreach_norm(ts, ord=math.inf)).eq(0).all().to(device) for ts in groups.values()]
+    flags = [test(torch.stack(torch._foreach_norm(ts, ord=math.inf))).all().to(device) for ts in groups.values()]
     return torch.stack(flags).all() if len(flags) > 1 else flags[0]
 
+
+def _all_zero(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One bool tensor: every element of every tensor is zero; None when there is nothing to check (no tensors, or
+    only empty ones: coords a ZeRO engine partitioned away)."""
+    tensors = [t for t in tensors if t.numel()]
+    return max_abs_flag(tensors, lambda norms: norms.eq(0)) if tensors else None

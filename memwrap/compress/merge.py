@@ -38,7 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import NonFiniteError, OptimizerBeforeWrapError
 from . import grouped
-from .base import CompressedWeight, local, materialize, raise_unmerged, take_unmerged_checks
+from .base import CompressedWeight, local, materialize, max_abs_flag, raise_unmerged, take_unmerged_checks
 
 _UNITS: weakref.WeakSet = weakref.WeakSet()  # every live compressed weight (linear or experts)
 _GLOBAL_HOOK = None  # the discovery pre-hook's handle while any compressed weight is alive
@@ -55,13 +55,8 @@ def _policy(units) -> str:
 def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
     """One bool tensor: every element of every gradient finite. A fused max-abs per (device, dtype) group, reduced to
     one flag on the first gradient's device (all-reduced when the gradients are shards of DTensors)."""
-    groups: dict = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(local(g))
     first = grads[0]
-    flags = [torch.stack(torch._foreach_norm(ts, ord=math.inf)).float().isfinite().all().to(local(first).device)
-             for ts in groups.values()]
-    ok = torch.stack(flags).all() if len(flags) > 1 else flags[0]
+    ok = max_abs_flag([local(g) for g in grads], lambda norms: norms.float().isfinite())
     if getattr(first, "placements", None) is not None:  # FSDP2: each rank holds other rows; all must agree
         import torch.distributed as dist
 
