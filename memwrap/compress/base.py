@@ -215,14 +215,20 @@ def merge_rows(rows: int, width: int) -> int:
     return max(1, min(rows, MERGE_CHUNK_BYTES // max(1, width * MERGE_BYTES_PER_ELEMENT)))
 
 
+def rounding_generator(device: torch.device, seed: int, name: str, step: int) -> torch.Generator | None:
+    """The stochastic-rounding stream of (seed, name, step) on `device`; None on the meta device (memwrap.simulate)."""
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed(projection_seed(seed, name, step))
+
+
 def add_to_weight(weight: torch.Tensor, delta: torch.Tensor, decay: float, *, stochastic: bool,
                   seed: int, name: str, step: int) -> None:
     """weight ← weight·decay + delta in place (decay = 1 − lr·wd), stochastically rounded for bf16 and fp16 weights."""
     w = local(weight)
     with torch.no_grad():
         if w.dtype in STOCHASTIC_ROUNDING and stochastic:
-            g = None if w.device.type == "meta" else \
-                torch.Generator(device=w.device).manual_seed(projection_seed(seed, name + "#round", step))  # (meta: simulate)
+            g = rounding_generator(w.device, seed, name + "#round", step)
             exact = w.float() * decay + delta.float()
             w.copy_(STOCHASTIC_ROUNDING[w.dtype](exact, g))
         else:

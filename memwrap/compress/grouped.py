@@ -8,9 +8,10 @@ subspace coordinates are stacked into one tensor, lifted with one batched matmul
 weights get their new values back in one foreach copy. Per-layer work is Python bookkeeping only.
 
 The transient stays bounded as `CompressedWeight.merge`'s does: a bucket is cut into pieces (a range of its weights
-with all their rows, or one weight's block of rows when a single weight is larger than MERGE_CHUNK_BYTES allows), and
-pieces are packed into waves of at most MERGE_CHUNK_BYTES (MERGE_BYTES_PER_ELEMENT per weight element). A small model
-is one wave; a 7B has a few per bucket, each a large kernel, so launches are never what limits it.
+with all their rows, or one weight's block of rows when a single weight is larger than a wave allows), and pieces are
+packed into waves of at most `wave_bytes` (MERGE_CHUNK_BYTES, or the plan's smaller `step_wave_bytes`; less on a CPU),
+counting MERGE_BYTES_PER_ELEMENT per weight element. A small model is one wave; a 7B has many, each a large kernel,
+so launches are never what limits it.
 
 Stochastic rounding: one noise draw per wave, seeded by (the first weight's seed and name, the wave, the step), so a
 run is deterministic for a seed and every weight element's rounding is unbiased. The bits of each float32 result are
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, STOCHASTIC_ROUNDING, CompressedWeight, local
+from .base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, STOCHASTIC_ROUNDING, CompressedWeight, local, rounding_generator
 from .projection import projection_seed
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -112,6 +113,13 @@ class Piece:
             return t[..., self.r0:self.r1]
         return t[..., self.r0:self.r1, :, :]
 
+    def rounding_name(self) -> str:
+        """Names the stochastic-rounding stream of a wave this piece starts (with the seed and the step)."""
+        return f"{self.bucket.units[self.k0].layer_name}#wave{self.r0}"
+
+    def rounding_generator(self, step: int) -> torch.Generator | None:
+        return rounding_generator(self.bucket.device, self.bucket.units[self.k0].group.seed, self.rounding_name(), step)
+
     def weights(self) -> list[torch.Tensor]:
         """Each weight's slice, in its storage orientation."""
         rows = slice(self.r0, self.r1)
@@ -164,13 +172,19 @@ def waves_of(buckets: list[Bucket], per_element: int = MERGE_BYTES_PER_ELEMENT) 
     return waves
 
 
+def consecutive(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """Views of a flat tensor laid out one shape after another."""
+    out, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(flat[offset:offset + size].view(shape))
+        offset += size
+    return out
+
+
 def views(flat: torch.Tensor, pieces: list[Piece]) -> list[torch.Tensor]:
     """Each piece's view of a flat buffer laid out piece after piece."""
-    out, offset = [], 0
-    for piece in pieces:
-        out.append(flat[offset:offset + piece.numel].view(piece.shape))
-        offset += piece.numel
-    return out
+    return consecutive(flat, [piece.shape for piece in pieces])
 
 
 def wave_buffer(pieces: list[Piece]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -205,11 +219,8 @@ def write(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor], decay
             yw.add_(stacked)
         targets.extend(ws)
         values.append(yw)
-    b0 = pieces[0].bucket
     if _LITTLE_ENDIAN and all(p.bucket.stochastic and p.bucket.wdtype == torch.bfloat16 for p in pieces):
-        u0 = b0.units[pieces[0].k0]
-        g = None if flat.device.type == "meta" else torch.Generator(device=flat.device).manual_seed(
-            projection_seed(u0.group.seed, f"{u0.layer_name}#wave{pieces[0].r0}", step))  # (meta: memwrap.simulate)
+        g = pieces[0].rounding_generator(step)
         bits = flat.view(torch.int32)
         bits.add_(torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=flat.device, generator=g))
         # the rounded bfloat16 values are the high halves, made dense (one kernel) so that the copy into the weights
@@ -220,10 +231,7 @@ def write(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor], decay
     elif any(p.bucket.stochastic for p in pieces):  # fp16, mixed dtypes, a big-endian host: one piece at a time
         for i, piece in enumerate(pieces):
             if piece.bucket.stochastic:
-                u0 = piece.units[0]
-                g = None if flat.device.type == "meta" else torch.Generator(device=flat.device).manual_seed(
-                    projection_seed(u0.group.seed, f"{u0.layer_name}#wave{piece.r0}", step))
-                values[i] = STOCHASTIC_ROUNDING[piece.bucket.wdtype](values[i], g)
+                values[i] = STOCHASTIC_ROUNDING[piece.bucket.wdtype](values[i], piece.rounding_generator(step))
     torch._foreach_copy_(targets, [v for value in values for v in value.unbind(0)])
 
 
@@ -293,8 +301,7 @@ def write_fused(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor],
         ws = piece.weights()
         torch.stack([w.transpose(-1, -2) for w in ws] if piece.bucket.transposed else ws, out=wv)  # logical order
         targets.extend(ws)
-    u0 = pieces[0].bucket.units[pieces[0].k0]
-    seed = projection_seed(u0.group.seed, f"{u0.layer_name}#wave{pieces[0].r0}", step) & _MASK32
+    seed = projection_seed(pieces[0].units[0].group.seed, pieces[0].rounding_name(), step) & _MASK32
     new = _fused(flat, wflat, torch.tensor(decay, dtype=torch.float32, device=flat.device),
                  torch.tensor(seed, dtype=torch.int64, device=flat.device))
     values = [v.transpose(-1, -2) if p.bucket.transposed else v for p, v in zip(pieces, views(new, pieces), strict=True)]

@@ -1,7 +1,8 @@
 """ProjFactor / subspace AdamW for compressed layers, AdamW for every other trainable parameter.
 
-The class does the bookkeeping; the `_projfactor_update`, `_subspace_adamw_update` and `_adamw_step`
-functions do the math. State holds only tensors (`torch.load(..., weights_only=True)` restores it).
+The class does the bookkeeping; `_projfactor_many`, `_subspace_adamw_many` (every compressed weight of one shape at
+once, memwrap.compress.grouped), `_projfactor_update` (one weight whose rows FSDP2 shards) and `_adamw_many` (the
+other parameters, foreach) do the math. State holds only tensors (`torch.load(..., weights_only=True)` restores it).
 
 Wrapped layers (G_s = coords.grad, shape (…, n, c, r); Ĝ = lift(G_s), shape (…, n, m)); first moments in the
 coords' dtype (bf16 for a bf16 model), second moments in fp32:
@@ -132,11 +133,13 @@ def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay, f
     buckets = grouped.buckets_of(units)
     by_id = {id(u): (g, st) for u, g, st in zip(units, grads, states, strict=True)}
     device = buckets[0].device
-    n_rows = [len(b) * b.experts * b.n for b in buckets]
-    n_cols = [len(b) * b.experts * b.m for b in buckets]
-    stats = torch.zeros(sum(n_rows) + sum(n_cols), dtype=torch.float32, device=device)  # this step's Ĝ² means
-    row_stats = _split(stats[:sum(n_rows)], n_rows, [(len(b), *b.lead, b.n) for b in buckets])
-    col_stats = _split(stats[sum(n_rows):], n_cols, [(len(b), *b.lead, b.m) for b in buckets])
+    row_shapes = [(len(b), *b.lead, b.n) for b in buckets]
+    col_shapes = [(len(b), *b.lead, b.m) for b in buckets]
+    n_rows = sum(math.prod(shape) for shape in row_shapes)
+    stats = torch.zeros(n_rows + sum(math.prod(shape) for shape in col_shapes), dtype=torch.float32,
+                        device=device)  # this step's Ĝ² means: every bucket's rows, then every bucket's columns
+    row_stats = grouped.consecutive(stats[:n_rows], row_shapes)
+    col_stats = grouped.consecutive(stats[n_rows:], col_shapes)
     where = {id(b): i for i, b in enumerate(buckets)}
     split = set()  # buckets whose column sums of squares are accumulated over row pieces
     for wave in grouped.waves_of(buckets):  # pass 1: the means of Ĝ² over columns (rows' factor) and rows (columns')
@@ -161,18 +164,16 @@ def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay, f
            [by_id[id(u)][1]["v_col"] for b in buckets for u in b.units]
     moments = torch.cat([t.reshape(-1) for t in kept])  # every v_row, then every v_col: the layout of `stats`
     moments.lerp_(stats, 1 - beta2)
-    torch._foreach_copy_(kept, [v.view(t.shape) for v, t in zip(_split(moments, [t.numel() for t in kept]), kept,
-                                                                      strict=True)])
+    torch._foreach_copy_(kept, grouped.consecutive(moments, [t.shape for t in kept]))
     scale = lr / (1 - beta1**step)
     if scale == 0.0:
         return  # lr = 0: the moments move, the weights do not (and decay = 1)
-    rows = _split(moments[:sum(n_rows)], n_rows, [(len(b), *b.lead, b.n) for b in buckets])
-    cs = torch.sqrt(moments[sum(n_rows):])
-    cols = _split(cs, n_cols, [(len(b), *b.lead, b.m) for b in buckets])
+    rows = grouped.consecutive(moments[:n_rows], row_shapes)
+    cols = grouped.consecutive(torch.sqrt(moments[n_rows:]), col_shapes)
     means = [r.mean(-1, keepdim=True) for r in rows]
     torch._foreach_mul_(means, (1 - beta2**step) * scale * scale)
-    rs_flat = torch.empty(sum(n_rows), dtype=torch.float32, device=device)
-    rs = _split(rs_flat, n_rows, [r.shape for r in rows])
+    rs_flat = torch.empty(n_rows, dtype=torch.float32, device=device)
+    rs = grouped.consecutive(rs_flat, row_shapes)
     for r, mean, out in zip(rows, means, rs, strict=True):
         torch.div(r, mean, out=out)
     rs_flat.sqrt_().neg_()
@@ -190,16 +191,6 @@ def _projfactor_many(units, grads, states, lr, beta1, beta2, eps, step, decay, f
         flat.div_(denom_flat)
         del denom_flat, denoms
         grouped.write(wave, flat, ys, decay, step, fused)
-
-
-def _split(flat: torch.Tensor, sizes: list[int], shapes: list | None = None) -> list[torch.Tensor]:
-    """Consecutive views of a flat tensor, of the given sizes (and shapes)."""
-    out, offset = [], 0
-    for i, size in enumerate(sizes):
-        v = flat[offset:offset + size]
-        out.append(v.view(shapes[i]) if shapes is not None else v)
-        offset += size
-    return out
 
 
 def _subspace_adamw_many(units, grads, states, lr, beta1, beta2, eps, step, decay, fused=False) -> None:
