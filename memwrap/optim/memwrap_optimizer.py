@@ -364,12 +364,13 @@ class MemwrapOptimizer(torch.optim.Optimizer):
             self._counts.update((id(p), count) for p in ps)
             modules = [module_of[id(p)] for p in ps]
             if group["kind"] == "projfactor":
-                sharded = [(p, m) for p, m in zip(ps, modules, strict=True) if _sharded_rows(p) is not None]
-                for p, module in sharded:  # rows sharded over ranks (FSDP2: the means are all-reduced): whole
-                    g = grads[id(p)].float()
-                    update = _projfactor_update(module, g, states[id(p)], lr, beta1, beta2, eps, count, _sharded_rows(p))
-                    module.apply_delta(update, 1.0 - lr * wd, count)
-                ps_modules = [(p, m) for p, m in zip(ps, modules, strict=True) if _sharded_rows(p) is None]
+                rows = {id(p): _sharded_rows(p) for p in ps}
+                for p, module in zip(ps, modules, strict=True):  # rows sharded over ranks (FSDP2: all-reduced means)
+                    if rows[id(p)] is not None:
+                        update = _projfactor_update(module, grads[id(p)].float(), states[id(p)], lr, beta1, beta2, eps,
+                                                    count, rows[id(p)])
+                        module.apply_delta(update, 1.0 - lr * wd, count)
+                ps_modules = [(p, m) for p, m in zip(ps, modules, strict=True) if rows[id(p)] is None]
                 run = _projfactor_many
             else:
                 ps_modules = list(zip(ps, modules, strict=True))
