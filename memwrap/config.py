@@ -245,6 +245,10 @@ class Plan:
         data["phases"] = tuple((str(k), int(v)) for k, v in data.get("phases", ()))
         data["notes"] = tuple(data.get("notes", ()))
         data["checkpoint_layers"] = as_layer_indices(data.get("checkpoint_layers", ()))
+        wave = data.get("step_wave_bytes", 0)
+        if not isinstance(wave, int) or isinstance(wave, bool) or wave < 0:
+            raise PlanMismatchError(f"plan has step_wave_bytes={wave!r}: it must be a non-negative integer (0: the "
+                                    "default); re-create the plan with `memwrap plan ... --save`.")
         plan = cls(**data)
         try:
             check_savings(plan.norms, plan.mlp, plan.attention, plan.checkpoint_layers, plan.loss_chunk)

@@ -330,3 +330,22 @@ def test_compile_step_must_be_a_bool():
     memwrap.wrap(model, rank=4, granularity=2)
     with pytest.raises(memwrap.errors.InvalidSettingsError):
         memwrap.optimizer(model, compile_step="yes")
+
+
+@pytest.mark.parametrize("bad", [-1, "64MB", 1.5, True])
+def test_a_plan_file_with_a_bad_step_wave_bytes_is_refused(tmp_path, bad):
+    """step_wave_bytes read from a plan file must be a non-negative integer: PlanMismatchError, nothing wrapped."""
+    import json
+
+    from tiny import tiny_llama
+
+    model = tiny_llama()
+    plan = memwrap.wrap(tiny_llama(), rank=4, granularity=2)  # a plan for this model, made on a twin
+    data = json.loads(plan.to_json())
+    data["step_wave_bytes"] = bad
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(memwrap.errors.PlanMismatchError, match="step_wave_bytes"):
+        memwrap.wrap(model, plan=str(path))
+    assert not merge.units_of(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

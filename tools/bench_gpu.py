@@ -132,6 +132,8 @@ SPEED_SHAPES = {
     # a dry run of this script's code paths on a CPU (--device cpu), before GPU time is spent on it
     "tiny": (dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256), 2, 32, False),
+    "cpu-h512": (dict(model_type="llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512), 4, 128, False),
     "tiny-compiled": (dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, vocab_size=256), 2, 32, True),
 }
