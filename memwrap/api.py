@@ -73,6 +73,7 @@ def wrap(
     world_size: int | None = None,
     offload_optimizer: bool = False,
     nonfinite: str = "skip",
+    weights: str = "keep",
 ) -> Plan:
     """Compress the model's linear (and MoE expert) layers in place and return the Plan that was applied.
 
@@ -97,6 +98,11 @@ def wrap(
     nonfinite: an optimizer step whose gradients of wrapped layers hold inf or NaN is "skip"ped whole (weights and
     optimizer state stay as they were; a RuntimeWarning counts the skips; memwrap.skipped_steps(model)), "raise"s
     NonFiniteError naming the layer, or is taken as is ("ignore"). A GradScaler's own skips stay its own.
+    weights: the wrapped layers' frozen W as it is ("keep"), or stored in 8 bits: "int8" (one float32 scale per row and
+    block of 128 inputs) or "fp8" (e4m3, the same scales), dequantized one layer at a time in forward and backward and
+    updated by unbiased stochastic rounding onto the 8-bit grid; "auto": 8 bits only where the budget planner needs
+    them to stay at its quality threshold (docs/how-it-works.md, 8-bit weights). unwrap gives the dequantized weights
+    back in their original dtype. The output head keeps its dtype.
     """
     inject.require_unwrapped(model)
     inject.require_materialized(model)
@@ -112,13 +118,18 @@ def wrap(
                         seed=seed, targets=_as_tuple(targets, "targets"), exclude=_as_tuple(exclude, "exclude") or (),
                         share_inputs=share_inputs, stochastic_rounding=stochastic_rounding, norms=norms, mlp=mlp,
                         attention=attention, checkpoint_layers=as_layer_indices(checkpoint_layers),
-                        loss_chunk=loss_chunk, head=head, nonfinite=nonfinite)
+                        loss_chunk=loss_chunk, head=head, nonfinite=nonfinite, weights=weights)
     config.validate()
+    if weights != "keep" and zero_setting is not None:
+        raise InvalidSettingsError(f"weights={weights!r} with zero={zero}: DeepSpeed ZeRO keeps its own flat copies of "
+                                   "the parameters and cannot hold 8-bit weights memwrap updates itself. Use "
+                                   "weights='keep' under DeepSpeed, or train with DDP or FSDP2 (both take 8-bit "
+                                   "weights).")
     if plan is not None:
         if rank is not None or granularity is not None or budget_gb is not None or config.savings_changed() \
-                or head != "auto" or zero_setting is not None:
+                or head != "auto" or zero_setting is not None or weights != "keep":
             raise InvalidSettingsError("pass either plan= or rank/granularity/budget_gb/norms/mlp/attention/"
-                                       "checkpoint_layers/head/zero, not both: a plan fixes every setting.")
+                                       "checkpoint_layers/head/zero/weights, not both: a plan fixes every setting.")
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         inject.check_plan_against_model(model, the_plan)
     else:

@@ -24,6 +24,9 @@ ATTENTION_OPTIONS = ("keep", "recompute", *ATTENTION_8BIT)
 HEAD_OPTIONS = ("auto", "exact", "compress")
 # an optimizer step whose coords gradients hold inf/NaN: skipped whole (counted, warned), NonFiniteError, or taken
 NONFINITE_OPTIONS = ("skip", "raise", "ignore")
+# a wrapped layer's frozen W: as it was, or in 8 bits (memwrap.compress.quant); "auto": 8 bits only where the planner
+# needs them (a plan stores what was chosen, never "auto")
+WEIGHT_OPTIONS = ("keep", "int8", "fp8", "auto")
 SAVING_FIELDS = ("norms", "mlp", "attention", "checkpoint_layers", "loss_chunk")
 
 
@@ -42,6 +45,16 @@ def check_savings(norms, mlp, attention, checkpoint_layers, loss_chunk=0) -> Non
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in checkpoint_layers):
         raise InvalidSettingsError(f"checkpoint_layers={checkpoint_layers!r} must be 'all' or a list of layer indices "
                                    "(non-negative integers).")
+
+
+def check_weights(value, auto: bool = True) -> str:
+    """InvalidSettingsError unless `value` is a weights= option ("auto" only where the planner resolves it)."""
+    allowed = WEIGHT_OPTIONS if auto else WEIGHT_OPTIONS[:-1]
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidSettingsError(f"weights={value!r} is unknown; use one of {', '.join(map(repr, allowed))} ('int8' "
+                                   "or 'fp8' store the wrapped layers' frozen weights in 8 bits"
+                                   + (", 'auto' only where the budget needs it" if auto else "") + ").")
+    return value
 
 
 def as_layer_indices(value):
@@ -117,6 +130,7 @@ class WrapConfig:
     loss_chunk: int = 0  # causal LMs: cross-entropy over this many tokens at a time, logits never whole (0: off)
     head: str = "auto"  # see HEAD_OPTIONS
     nonfinite: str = "skip"  # a step with inf/NaN gradients: see NONFINITE_OPTIONS
+    weights: str = "keep"  # see WEIGHT_OPTIONS
 
     def validate(self) -> None:
         for key in ("rank", "granularity"):
@@ -133,6 +147,7 @@ class WrapConfig:
         check_savings(self.norms, self.mlp, self.attention, self.checkpoint_layers, self.loss_chunk)
         if self.head not in HEAD_OPTIONS:
             raise InvalidSettingsError(f"head={self.head!r} is unknown; use one of {', '.join(map(repr, HEAD_OPTIONS))}.")
+        check_weights(self.weights)
         if self.nonfinite not in NONFINITE_OPTIONS:
             raise InvalidSettingsError(f"nonfinite={self.nonfinite!r} is unknown; use one of "
                                        f"{', '.join(map(repr, NONFINITE_OPTIONS))}.")
@@ -189,6 +204,7 @@ class Plan:
     # the most bytes one wave of the grouped step may take (memwrap.compress.grouped); 0: MERGE_CHUNK_BYTES. The planner
     # lowers it (never below one weight's) where the step, not the forward, is what would exceed the budget
     step_wave_bytes: int = 0
+    weights: str = "keep"  # the wrapped layers' frozen W: "keep" (its dtype), "int8" or "fp8" (never "auto")
     notes: tuple[str, ...] = field(default=())
 
     # ---- derived numbers -------------------------------------------------------------------------
@@ -249,6 +265,10 @@ class Plan:
         if not isinstance(wave, int) or isinstance(wave, bool) or wave < 0:
             raise PlanMismatchError(f"plan has step_wave_bytes={wave!r}: it must be a non-negative integer (0: the "
                                     "default); re-create the plan with `memwrap plan ... --save`.")
+        try:
+            check_weights(data.get("weights", "keep"), auto=False)
+        except InvalidSettingsError as e:
+            raise PlanMismatchError(f"plan has an invalid weights setting: {e} Re-create the plan with `memwrap plan ... --save`.") from None
         plan = cls(**data)
         try:
             check_savings(plan.norms, plan.mlp, plan.attention, plan.checkpoint_layers, plan.loss_chunk)

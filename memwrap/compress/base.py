@@ -16,6 +16,7 @@ import weakref
 import torch
 
 from ..errors import UnmergedUpdateError
+from . import quant
 from .projection import draw_projection, projection_seed, subspace_transfer
 
 
@@ -157,15 +158,21 @@ class InputGroup:
 class kept_dtype:
     """Around a module's `_apply` (model.to(dtype), .half(), .bfloat16(), .float()): the coords keep the dtype they had
     (float32 for a model wrapped in float32), their gradient too, while the dense weights take the new one; device
-    moves pass through. Released coords (one broadcast zero) stay released."""
+    moves pass through. Released coords (one broadcast zero) stay released. `exact` tensors (an 8-bit W, its float32
+    scales) keep their dtype and values exactly: a cast is undone from the original."""
 
-    def __init__(self, params):
+    def __init__(self, params, exact=()):
         self.params = [(p, p.dtype, is_released(p)) for p in params]
+        self.exact = [(t, t.data) for t in exact]  # 8-bit W and its scales: never cast, only moved
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
+        for t, data in self.exact:
+            if t.dtype != data.dtype:
+                t.data = data.to(device=t.device)
+        self.exact = []
         for p, dtype, released in self.params:
             if p.dtype == dtype:
                 continue
@@ -269,6 +276,8 @@ class CompressedWeight:
         self.is_head = False  # a causal LM's output head: always in use when training on labels
         self._engine_checked = False  # every ENGINE_CHECKS entry gave its final verdict (see check_engine)
         self._prechecked = False  # the model's pre-forward hook checked this forward already
+        self.quant: quant.Format | None = None  # 8-bit W (memwrap.compress.quant): its format
+        self._orig_dtype = None  # the dtype W had before it was stored in 8 bits (unwrap restores it)
         group.members.append(self)
 
     def _reset_after_copy(self) -> None:
@@ -277,6 +286,51 @@ class CompressedWeight:
         self._engine_checked = self._prechecked = False
         if "is_head" not in self.__dict__:  # pickled by memwrap 0.1.0
             self.is_head = False
+        self.__dict__.setdefault("quant", None)
+        self.__dict__.setdefault("_orig_dtype", None)
+
+    # ---- 8-bit W (memwrap.compress.quant) ------------------------------------------------------------------------
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """The scales of an 8-bit W, (…, n, m / B) float32; None for a weight kept in its own dtype."""
+        if self.quant is None:
+            return None
+        module, name = self._scale_owner()
+        return getattr(module, name)
+
+    def _scale_owner(self) -> tuple:
+        """(module, attribute name) the scales are registered under (subclasses: next to their weight)."""
+        raise NotImplementedError
+
+    def quantized_tensors(self) -> list[torch.Tensor]:
+        """An 8-bit W and its scales (kept as they are through model.to(dtype)); nothing for a weight kept as it was."""
+        return [] if self.quant is None else [self.weight, self.scale]
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W in `dtype`, storage orientation: dequantized for an 8-bit W (one layer's transient), else a cast."""
+        return quant.dense(self.weight, self.scale, dtype, self.transposed)
+
+    def store_8bit(self, fmt: quant.Format) -> None:
+        """Store W in 8 bits (same Parameter object, new data) with its scales registered as a frozen parameter (so
+        state_dict, DDP's broadcast and FSDP2's sharding take them with W)."""
+        w = self.weight
+        with torch.no_grad():
+            q, scale = quant.quantize(w.detach(), fmt, self.transposed, MERGE_CHUNK_BYTES)
+        self._orig_dtype = w.dtype
+        w.data = q
+        module, name = self._scale_owner()
+        module.register_parameter(name, torch.nn.Parameter(scale, requires_grad=False))
+        self.quant = fmt
+
+    def restore_dtype(self) -> None:
+        """Back to a plain W in its original dtype (dequantized), the scales removed (unwrap)."""
+        if self.quant is None:
+            return
+        with torch.no_grad():
+            self.weight.data = self.dense_weight(self._orig_dtype).contiguous()
+        module, name = self._scale_owner()
+        delattr(module, name)
+        self.quant = None
 
     @property
     def d(self) -> int:
@@ -290,6 +344,10 @@ class CompressedWeight:
 
     def apply_delta(self, delta: torch.Tensor, decay: float, step: int) -> None:
         """W ← W·decay + delta, delta weight-shaped in the logical (…, n, m) orientation."""
+        if self.quant is not None:
+            self._merge_8bit(lambda idx, rows: delta[idx + (rows,)].float(), delta.shape[:-2], delta.shape[-2], decay,
+                             step)
+            return
         add_to_weight(self.weight, delta.transpose(-1, -2) if self.transposed else delta, decay,
                       stochastic=self.stochastic_rounding, seed=self.group.seed, name=self.layer_name, step=step)
 
@@ -301,6 +359,9 @@ class CompressedWeight:
         c = local(delta_coords)
         w = local(self.weight)
         lead, n = c.shape[:-3], c.shape[-3]
+        if self.quant is not None:
+            self._merge_8bit(lambda idx, rows: self.lifted(c[idx + (rows,)]), lead, n, decay, step)
+            return
         step_rows = merge_rows(n, self.in_features)
         if step_rows >= n * math.prod(lead):  # one block: the whole weight (every expert of a fused one)
             self.apply_delta(self.lifted(delta_coords), decay, step)
@@ -313,6 +374,23 @@ class CompressedWeight:
                 add_to_weight(target, delta.transpose(-1, -2) if self.transposed else delta, decay,
                               stochastic=self.stochastic_rounding, seed=self.group.seed,
                               name=f"{self.layer_name}#{idx}.{r0}", step=step)
+
+    def _merge_8bit(self, delta_of, lead: tuple, n: int, decay: float, step: int) -> None:
+        """W ← Q(deq(W)·decay + delta) a block of rows at a time (delta_of(expert index, rows) -> float32 logical
+        rows), stochastically rounded onto the 8-bit grid (memwrap.compress.quant.requantize)."""
+        q, scale = local(self.weight), local(self.scale)
+        step_rows = merge_rows(n, self.in_features)
+        with torch.no_grad():
+            for idx in itertools.product(*(range(d) for d in lead)):
+                ql, sl = quant.logical(q[idx], self.transposed), scale[idx]
+                for r0 in range(0, n, step_rows):
+                    rows = slice(r0, min(n, r0 + step_rows))
+                    exact = quant.dequantize(ql[rows], sl[rows], False)
+                    exact.mul_(decay).add_(delta_of(idx, rows))
+                    g = rounding_generator(q.device, self.group.seed, f"{self.layer_name}#{idx}.{r0}#round", step)
+                    qn, sn = quant.requantize(exact, sl[rows], self.quant, self.stochastic_rounding, g)
+                    ql[rows].copy_(qn)
+                    sl[rows].copy_(sn)
 
     def index_at(self, steps: int) -> int:
         """Which P (refresh index) the coordinates live under after `steps` completed optimizer steps."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
-from . import merge
+from . import merge, quant
 from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype, kept_dtype, no_autocast
 from .blocks import FORMULA_ATTR, SAVINGS_ATTR, recompute
 from .elementwise import gated_act
@@ -129,26 +129,27 @@ class _ExpertsLinearFn(torch.autograd.Function):
     """y_s = x_s W_eᵀ for each routed row s of expert e; saves (W, x̃, offs). dX exact; G_s[e] = dY_eᵀ x̃_e."""
 
     @staticmethod
-    def forward(ctx, x, weight, coords, x_tilde, offs, transposed, cdt):
+    def forward(ctx, x, weight, coords, x_tilde, offs, transposed, cdt, scale=None):
         with no_autocast(x.device):
-            w = weight.to(cdt)
+            w = quant.dense(weight, scale, cdt, transposed)  # an 8-bit W dequantized (every expert of this tensor)
             y = grouped_mm(x.to(cdt), w if transposed else w.transpose(-1, -2), offs)  # (S, m) @ (E, m, n)
-        ctx.save_for_backward(weight, x_tilde, offs)
+        del w
+        ctx.save_for_backward(weight, x_tilde, offs, scale)
         ctx.meta = (transposed, x.dtype, coords.dtype, coords.shape)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, x_tilde, offs = ctx.saved_tensors
+        weight, x_tilde, offs, scale = ctx.saved_tensors
         transposed, x_dtype, coords_dtype, coords_shape = ctx.meta
         dx = dcoords = None
         if ctx.needs_input_grad[0]:
-            w = weight.to(dy.dtype)
+            w = quant.dense(weight, scale, dy.dtype, transposed)
             dx = grouped_mm(dy, w.transpose(-1, -2) if transposed else w, offs).to(x_dtype)  # (S, n) @ (E, n, m)
         if ctx.needs_input_grad[2]:
             g_s = grouped_mm(dy.to(x_tilde.dtype).T, x_tilde, offs)  # (n, S) @ (S, c·r) -> (E, n, c·r)
             dcoords = g_s.reshape(coords_shape).to(coords_dtype)
-        return dx, None, dcoords, None, None, None, None
+        return dx, None, dcoords, None, None, None, None, None
 
 
 class ExpertsUnit(CompressedWeight):
@@ -181,6 +182,9 @@ class ExpertsUnit(CompressedWeight):
     def weight(self) -> nn.Parameter:
         return getattr(self.module, self.pname)
 
+    def _scale_owner(self) -> tuple:
+        return self.module, f"{self.pname}_memwrap_scale"
+
 
 def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -188,7 +192,8 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
     units = getattr(self, UNITS_ATTR, None)
     for u in (units or {}).values():
         u.check_pending()
-    if not units or not torch.is_grad_enabled() or not any(u.coords.requires_grad for u in units.values()):
+    if not units or (not (torch.is_grad_enabled() and any(u.coords.requires_grad for u in units.values()))
+                     and not any(u.quant is not None for u in units.values())):  # (8-bit W: this forward dequantizes)
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
@@ -230,7 +235,7 @@ def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_
 
 def _project(unit: ExpertsUnit, x, x_tilde, offs, cdt):
     """One fused weight applied to the routed rows x (sorted by expert), saving only x_tilde."""
-    return _ExpertsLinearFn.apply(x, unit.weight, unit.coords, x_tilde, offs, unit.transposed, cdt)
+    return _ExpertsLinearFn.apply(x, unit.weight, unit.coords, x_tilde, offs, unit.transposed, cdt, unit.scale)
 
 
 def register_implementation() -> None:
@@ -277,7 +282,7 @@ class KeepCoordsApply:
 
     def __call__(self, fn, recurse=True):
         units = getattr(self.module, UNITS_ATTR, {}).values()
-        with kept_dtype([u.coords for u in units]):
+        with kept_dtype([u.coords for u in units], exact=[t for u in units for t in u.quantized_tensors()]):
             return type(self.module)._apply(self.module, fn, recurse)
 
 
@@ -286,6 +291,7 @@ def detach(module: nn.Module) -> list[ExpertsUnit]:
     units = list(getattr(module, UNITS_ATTR, {}).values())
     for unit in units:
         unit.flush()
+        unit.restore_dtype()
         delattr(module, unit.coords_name)
         unit.weight.requires_grad_(unit._weight_requires_grad)
     for h in getattr(module, "_memwrap_hook_handles", []):

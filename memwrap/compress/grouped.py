@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import quant
 from .base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES, STOCHASTIC_ROUNDING, CompressedWeight, local, rounding_generator
 from .projection import projection_seed
 
@@ -62,7 +63,8 @@ class Bucket:
         self.transposed = u0.transposed
         w = local(u0.weight)
         self.wdtype, self.device = w.dtype, w.device
-        self.stochastic = bool(u0.stochastic_rounding) and w.dtype in STOCHASTIC_ROUNDING
+        self.quant = u0.quant  # an 8-bit W: its format (memwrap.compress.quant)
+        self.stochastic = bool(u0.stochastic_rounding) and (w.dtype in STOCHASTIC_ROUNDING or self.quant is not None)
         self.experts = math.prod(self.lead)
         self._pt: torch.Tensor | None = None
 
@@ -126,6 +128,10 @@ class Piece:
         return [local(u.weight)[..., :, rows] if self.bucket.transposed else local(u.weight)[..., rows, :]
                 for u in self.units]
 
+    def scales(self) -> list[torch.Tensor]:
+        """Each 8-bit weight's scales for the piece's rows (logical orientation: (*experts, rows, m / B))."""
+        return [local(u.scale)[..., self.r0:self.r1, :] for u in self.units]
+
     def stacked(self, sources: list[torch.Tensor]) -> torch.Tensor:
         """The piece's rows of coordinate-shaped tensors (one per weight of the bucket), stacked in float32:
         (weights, *experts, rows, c, r). Stacked in their own dtype, then cast: a GPU concatenates same-dtype inputs in
@@ -160,11 +166,11 @@ def waves_of(buckets: list[Bucket], per_element: int = MERGE_BYTES_PER_ELEMENT) 
     """Pieces packed greedily into waves of at most `wave_bytes` (a piece larger than that is a wave alone)."""
     waves: list[list[Piece]] = []
     size = 0
-    for bucket in buckets:
+    for bucket in sorted(buckets, key=lambda b: b.quant is not None):  # 8-bit weights in waves of their own
         budget = wave_bytes(bucket)
         for piece in pieces_of(bucket, per_element):
             nbytes = piece.numel * per_element
-            if not waves or size + nbytes > budget:
+            if not waves or size + nbytes > budget or (waves[-1][0].bucket.quant is None) != (bucket.quant is None):
                 waves.append([])
                 size = 0
             waves[-1].append(piece)
@@ -198,7 +204,11 @@ def write(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor], decay
     """W ← round(W·decay + y) for every piece of a wave; `ys` are the pieces' views of `flat` (float32, logical
     orientation) holding the deltas, overwritten with the exact sums. Rounding: stochastic for bf16 weights (one draw
     for the wave), fp16 weights (one tensor at a time), nearest otherwise; float32 weights are updated in place.
-    fused: bf16 weights with stochastic rounding through `write_fused` (one compiled kernel)."""
+    fused: bf16 weights with stochastic rounding through `write_fused` (one compiled kernel). 8-bit weights (waves of
+    their own): `write_8bit`."""
+    if pieces[0].bucket.quant is not None:
+        write_8bit(pieces, ys, decay, step)
+        return
     if fused and flat.device.type != "meta" and write_fused(pieces, flat, ys, decay, step):
         return
     if all(p.bucket.wdtype == torch.float32 for p in pieces):  # no rounding: in place, nothing stacked
@@ -233,6 +243,21 @@ def write(pieces: list[Piece], flat: torch.Tensor, ys: list[torch.Tensor], decay
             if piece.bucket.stochastic:
                 values[i] = STOCHASTIC_ROUNDING[piece.bucket.wdtype](values[i], piece.rounding_generator(step))
     torch._foreach_copy_(targets, [v for value in values for v in value.unbind(0)])
+
+
+def write_8bit(pieces: list[Piece], ys: list[torch.Tensor], decay: float, step: int) -> None:
+    """W ← Q(deq(W)·decay + y) for a wave of 8-bit weights: per piece one stack of the 8-bit values and scales, one
+    dequantization, one requantization (new scales where a block outgrew its own; stochastic rounding drawn from the
+    wave's stream) and one foreach copy of values and scales back."""
+    g = pieces[0].rounding_generator(step)
+    for piece, y in zip(pieces, ys, strict=True):
+        b = piece.bucket
+        qs, ss = piece.weights(), piece.scales()
+        scale = torch.stack(ss)
+        y.add_(quant.dequantize(torch.stack(qs), scale, b.transposed), alpha=decay)
+        qn, sn = quant.requantize(y, scale, b.quant, b.stochastic, g)
+        torch._foreach_copy_(qs, list(quant.logical(qn, b.transposed).unbind(0)))
+        torch._foreach_copy_(ss, list(sn.unbind(0)))
 
 
 # ---- the fused write (opt-in: memwrap.optimizer(model, compile_step=True)) -------------------------------------------

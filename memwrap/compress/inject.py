@@ -20,7 +20,7 @@ from ..errors import (
     PlanMismatchError,
     UnsupportedArchitectureError,
 )
-from . import blocks, experts, loss, merge
+from . import blocks, experts, loss, merge, quant
 from .base import InputGroup, PreForwardCheck
 from .linear import CompressedLinear
 
@@ -274,7 +274,7 @@ def build_plan(model: nn.Module, config: WrapConfig, candidates: list[Candidate]
     return Plan(layers=tuple(layers), projection=config.projection, refresh_every=config.refresh_every,
                 seed=config.seed, share_inputs=config.share_inputs, stochastic_rounding=config.stochastic_rounding,
                 norms=config.norms, mlp=config.mlp, attention=config.attention, checkpoint_layers=config.checkpoint_layers,
-                loss_chunk=config.loss_chunk,
+                loss_chunk=config.loss_chunk, weights="keep" if config.weights == "auto" else config.weights,
                 skipped=tuple(skipped), model_class=type(model).__name__)
 
 
@@ -350,6 +350,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> list[CompressedLinear]:
     wrapped = [m for _, m in built] + [u for us in units.values() for u in us]
     for unit in wrapped:
         unit.wave_bytes = plan.step_wave_bytes or None
+        if plan.weights != "keep" and not unit.is_head:  # the output head keeps its dtype (the chunked loss reads it)
+            unit.store_8bit(quant.FORMATS[plan.weights])
     object.__setattr__(model, PRECHECK_ATTR, model.register_forward_pre_hook(PreForwardCheck(wrapped)))
     return wrapped
 
@@ -372,6 +374,7 @@ def restore_all(model: nn.Module) -> int:
         if not isinstance(module, CompressedLinear):
             continue
         module.flush()
+        module.restore_dtype()
         base = module._memwrap_base
         base.weight = module.weight
         base.bias = module.bias

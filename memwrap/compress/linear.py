@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import merge
+from . import merge, quant
 from .base import CompressedWeight, InputGroup, compute_dtype, coords_dtype, kept_dtype, no_autocast
 
 
@@ -20,11 +20,12 @@ class _CompressedLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b; saves (W, x̃) only. Backward: exact dX and db, G_s = dYᵀ x̃ as the gradient of coords."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, coords, x_tilde, cdt, transposed=False):
+    def forward(ctx, x, weight, bias, coords, x_tilde, cdt, transposed=False, scale=None):
         with no_autocast(x.device):
-            w = weight.to(cdt)
+            w = quant.dense(weight, scale, cdt, transposed)  # one layer dequantized at a time for an 8-bit W
             y = F.linear(x.to(cdt), w.t() if transposed else w, None if bias is None else bias.to(cdt))
-        ctx.save_for_backward(weight, x_tilde)
+        del w
+        ctx.save_for_backward(weight, x_tilde, scale)
         ctx.transposed = transposed
         ctx.x_meta = (x.shape, x.dtype)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -33,12 +34,12 @@ class _CompressedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        weight, x_tilde = ctx.saved_tensors
+        weight, x_tilde, scale = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, n)
         dx = db = dcoords = None
         if ctx.needs_input_grad[0]:
-            w = weight.to(dy2.dtype)
+            w = quant.dense(weight, scale, dy2.dtype, ctx.transposed)
             dx = (dy2 @ (w.t() if ctx.transposed else w)).reshape(x_shape).to(x_dtype)  # exact: (N, n) @ (n, m)
         if ctx.needs_input_grad[2]:
             db = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
@@ -46,7 +47,7 @@ class _CompressedLinearFn(torch.autograd.Function):
             n, (N, c, r) = dy2.shape[1], x_tilde.shape
             g_s = dy2.to(x_tilde.dtype).T @ x_tilde.reshape(N, c * r)  # G_s = dYᵀ x̃: (n, N) @ (N, c·r)
             dcoords = g_s.reshape(n, c, r).to(ctx.coords_dtype)
-        return dx, None, db, dcoords, None, None, None
+        return dx, None, db, dcoords, None, None, None, None
 
 
 class CompressedLinear(CompressedWeight, nn.Module):
@@ -80,15 +81,21 @@ class CompressedLinear(CompressedWeight, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_pending()
         if not (torch.is_grad_enabled() and self.coords.requires_grad):
+            w = self.weight if self.quant is None else self.dense_weight(compute_dtype(x))
             if self.transposed:  # Conv1D: x @ W + b
-                return torch.addmm(self.bias, x.reshape(-1, self.in_features), self.weight).reshape(*x.shape[:-1], -1)
-            return F.linear(x, self.weight, self.bias)
+                return torch.addmm(self.bias, x.reshape(-1, self.in_features), w).reshape(*x.shape[:-1], -1)
+            return F.linear(x, w, self.bias)
         cdt = compute_dtype(x)
         x_tilde = self.compress_input(x, cdt)
-        return _CompressedLinearFn.apply(x, self.weight, self.bias, self.coords, x_tilde, cdt, self.transposed)
+        return _CompressedLinearFn.apply(x, self.weight, self.bias, self.coords, x_tilde, cdt, self.transposed,
+                                         self.scale)
+
+    def _scale_owner(self) -> tuple:
+        return self, "weight_scale"
 
     def _apply(self, fn, recurse=True):
-        with kept_dtype([self.coords]):  # a dtype cast of the model leaves the optimizer-facing coords as they are
+        # a dtype cast of the model leaves the optimizer-facing coords (and an 8-bit W) as they are
+        with kept_dtype([self.coords], exact=self.quantized_tensors()):
             return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -308,10 +308,12 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
     plan = _read_plan(directory)
     state = _read_weights(directory)
     own = model.state_dict()
+    if plan.weights != "keep" and not is_wrapped(model):  # 8-bit W: the values and scales load into the wrapped layers
+        own.update(_scale_keys(model, plan, own))
     missing = [k for k in own if k not in state and not _is_tied_duplicate(model, k, state)]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-             if k in own and state[k].shape != own[k].shape]
+             if k in own and own[k] is not None and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         raise CheckpointMismatchError(f"checkpoint {directory!r} does not match {type(model).__name__}: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}; load it into the model (class and "
@@ -325,11 +327,29 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
     elif _settings(get_plan(model)) != _settings(plan):
         raise CheckpointMismatchError(f"{type(model).__name__} is already wrapped with other settings than the checkpoint's plan "
                                 f"in {directory!r}; call memwrap.unwrap(model) first, or load into an unwrapped model.")
+    if plan.weights != "keep" and not is_wrapped(model):
+        wrap(model, plan=plan, **wrap_kwargs)  # first: the saved 8-bit values and scales replace what it quantized
     model.load_state_dict(state, strict=False)
     if not is_wrapped(model):
         wrap(model, plan=plan, **wrap_kwargs)
     read_state(model, directory)
     return plan
+
+
+def _scale_keys(model: nn.Module, plan, own: dict) -> dict:
+    """The state-dict keys of the scales an 8-bit plan adds to the unwrapped `model` (shapes checked after wrap)."""
+    from ..compress.loss import output_head
+
+    modules = dict(model.named_modules())
+    head = output_head(model)
+    keys = {}
+    for lp in plan.layers:
+        if lp.kind == "experts":
+            mod_name, _, pname = lp.name.rpartition(".")
+            keys[f"{mod_name}.{pname}_memwrap_scale"] = None
+        elif modules.get(lp.name) is not head:
+            keys[f"{lp.name}.weight_scale"] = None
+    return keys
 
 
 def write_state(model: nn.Module, directory: str) -> None:

@@ -1,0 +1,160 @@
+"""8-bit base weights: a wrapped layer's frozen W stored as int8 or fp8 (e4m3) with one float32 scale per block of
+the input dimension, and updated by unbiased stochastic rounding onto that grid.
+
+W (logical n × m, or E experts of n × m) = q · s, with q the 8-bit values (stored in the weight's own orientation, in
+the same Parameter object) and s (…, n, m / B) one scale per row and block of B inputs (B = 128 where m allows it),
+kept in logical orientation next to the weight (`weight_scale` on a linear, `<name>_memwrap_scale` on fused experts),
+so FSDP2 shards it with the weight's rows (or experts).
+
+- Forward and backward dequantize one layer at a time in the activation dtype (`dense`): the transient is one layer.
+- The merge writes `W ← Q(deq(W)·decay + lift(coords))` (`requantize`): Q rounds stochastically onto the 8-bit grid,
+  so E[deq(W_new)] is the exact float32 update. A block whose absmax outgrows its scale gets a new scale first (its
+  absmax / qmax, with GROWTH headroom so a slowly growing block is not re-rounded every step); the scale is a
+  deterministic function of the exact values, so the rounding stays unbiased. Scales never shrink (a re-scaled block
+  re-rounds every element once; keeping the scale keeps small updates cheap: an element far from its neighbours on
+  the grid moves only with the probability its update asks for).
+- Nearest rounding (`stochastic_rounding=False`) is there for the ablation: updates smaller than half a grid step
+  are lost (docs/quality.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from ..config import WEIGHT_OPTIONS, check_weights  # noqa: F401 (re-exported: the options live with the settings)
+BLOCK = 128  # inputs per scale (a divisor of m: 128, 64 or 32, else the whole row)
+GROWTH = 1.125  # a block whose absmax outgrows its scale gets absmax / qmax times this
+SCALE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    dtype: torch.dtype
+    qmax: float  # the largest magnitude on the grid
+
+    @property
+    def table(self) -> torch.Tensor | None:
+        """fp8: every finite value of the grid, ascending (for stochastic rounding); None for int8 (integers)."""
+        if self.dtype == torch.int8:
+            return None
+        t = _TABLES.get(self.dtype)
+        if t is None:
+            vals = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(self.dtype).float()
+            t = _TABLES[self.dtype] = torch.unique(vals[torch.isfinite(vals)])
+        return t
+
+
+_TABLES: dict = {}
+FORMATS = {"int8": Format("int8", torch.int8, 127.0), "fp8": Format("fp8", torch.float8_e4m3fn, 448.0)}
+
+
+def block_size(m: int) -> int:
+    for b in (BLOCK, 64, 32):
+        if m % b == 0:
+            return b
+    return m
+
+
+def format_of(weight: torch.Tensor) -> Format | None:
+    for fmt in FORMATS.values():
+        if weight.dtype == fmt.dtype:
+            return fmt
+    return None
+
+
+def scale_numel(numel: int, in_features: int) -> int:
+    return numel // block_size(in_features)
+
+
+def weight_bytes(numel: int, in_features: int) -> int:
+    """Bytes of an 8-bit weight of `numel` elements and its scales."""
+    return numel + scale_numel(numel, in_features) * SCALE_BYTES
+
+
+def logical(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return w.transpose(-1, -2) if transposed else w
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """float32 W in logical orientation (…, n, m) from storage-oriented q and logical scales (…, n, m / B)."""
+    ql = logical(q, transposed)
+    nb = scale.shape[-1]
+    w = ql.float().unflatten(-1, (nb, ql.shape[-1] // nb))
+    w.mul_(scale.unsqueeze(-1))
+    return w.flatten(-2)
+
+
+def dense(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    """The weight in `dtype` and its storage orientation: q itself cast when there is no scale (a weight kept as it
+    was), else dequantized (float32 product, then one cast: one layer's transient)."""
+    if scale is None:
+        return q.to(dtype)
+    w = dequantize(q, scale, transposed)
+    w = w if dtype == torch.float32 else w.to(dtype)
+    return logical(w, transposed)
+
+
+def _round_grid(x: torch.Tensor, fmt: Format, stochastic: bool, generator) -> torch.Tensor:
+    """x (float32, within ±qmax) onto the grid: to a neighbour with probability proportional to the distance
+    (stochastic: unbiased), or to the nearest. Returns the grid values in fmt.dtype."""
+    if fmt.dtype == torch.int8:
+        if stochastic:
+            u = torch.rand(x.shape, device=x.device, generator=generator)
+            x = torch.floor(x.add_(u))
+        else:
+            x = torch.round(x)
+        return x.clamp_(-fmt.qmax, fmt.qmax).to(torch.int8)
+    if not stochastic:
+        return x.clamp_(-fmt.qmax, fmt.qmax).to(fmt.dtype)
+    table = fmt.table.to(x.device)
+    x = x.clamp_(-fmt.qmax, fmt.qmax)
+    hi_idx = torch.searchsorted(table, x).clamp_(1, table.numel() - 1)  # table[hi - 1] < x <= table[hi]
+    hi = table[hi_idx]
+    lo = table[hi_idx - 1]
+    p_hi = (x - lo).div_(hi - lo)
+    u = torch.rand(x.shape, device=x.device, generator=generator)
+    return torch.where(u < p_hi, hi, lo).to(fmt.dtype)
+
+
+def requantize(exact: torch.Tensor, scale: torch.Tensor, fmt: Format, stochastic: bool,
+               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, new scale) for exact float32 logical values (…, n, m) under the current scales (…, n, m / B): a block
+    whose absmax exceeds qmax · scale gets absmax / qmax · GROWTH first. `exact` is overwritten."""
+    nb = scale.shape[-1]
+    blocks = exact.unflatten(-1, (nb, exact.shape[-1] // nb))
+    need = blocks.abs().amax(-1).div_(fmt.qmax)
+    new_scale = torch.where(need > scale, need * GROWTH, scale)
+    new_scale = torch.where(new_scale > 0, new_scale, torch.ones_like(new_scale))  # an all-zero block: any scale
+    blocks.div_(new_scale.unsqueeze(-1))
+    return _round_grid(exact, fmt, stochastic, generator), new_scale
+
+
+def quantize_rows(wl: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scales) of logical float rows (…, m): absmax scales per block, nearest rounding (the weights as given are
+    the starting point; only updates must be unbiased). Works on meta tensors (memwrap.simulate)."""
+    m = wl.shape[-1]
+    b = block_size(m)
+    blocks = wl.float().unflatten(-1, (m // b, b))
+    scale = blocks.abs().amax(-1).div_(fmt.qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return _round_grid((blocks / scale.unsqueeze(-1)).flatten(-2), fmt, False, None), scale
+
+
+def quantize(w: torch.Tensor, fmt: Format, transposed: bool, chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q in storage orientation, scales in logical orientation) of a float weight, a block of rows at a time (the
+    transient stays within about `chunk_bytes`)."""
+    lead, (n, m) = w.shape[:-2], logical(w, transposed).shape[-2:]
+    q = torch.empty(w.shape, dtype=fmt.dtype, device=w.device)
+    scale = torch.empty(*lead, n, m // block_size(m), dtype=torch.float32, device=w.device)
+    rows = max(1, min(n, chunk_bytes // max(1, m * 12)))
+    for idx in itertools.product(*(range(d) for d in lead)):
+        wl, ql, sl = logical(w[idx], transposed), logical(q[idx], transposed), scale[idx]
+        for r0 in range(0, n, rows):
+            qs, ss = quantize_rows(wl[r0:r0 + rows], fmt)
+            ql[r0:r0 + rows].copy_(qs)
+            sl[r0:r0 + rows].copy_(ss)
+    return q, scale

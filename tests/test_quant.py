@@ -1,0 +1,293 @@
+"""8-bit base weights (memwrap.compress.quant, wrap(weights="int8"|"fp8")): exact forward and input gradients against
+the dequantized weights, unbiased stochastic rounding onto the 8-bit grid (alone, in the per-weight merge and in the
+grouped, chunked merge), scales that grow, casts that leave 8-bit weights alone, unwrap, save/load, clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from families import tiny
+
+import memwrap
+from memwrap.compress import grouped, merge, quant
+from memwrap.errors import InvalidSettingsError, PlanMismatchError
+
+FORMATS = ["int8", "fp8"]
+
+
+def batch(step, vocab=128):
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(step))
+
+
+def dequantized_copy(model):
+    """A plain copy of a wrapped 8-bit model: every wrapped weight replaced by its dequantized float32 values."""
+    plain = copy.deepcopy(model)
+    memwrap.unwrap(plain)
+    return plain
+
+
+def test_quantize_round_trip_is_within_half_a_grid_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * torch.logspace(-3, 0, 64).unsqueeze(1)  # rows of very different magnitude
+    for name in FORMATS:
+        fmt = quant.FORMATS[name]
+        q, s = quant.quantize(w, fmt, False, 1 << 20)
+        assert q.dtype == fmt.dtype and s.shape == (64, 2)
+        back = quant.dequantize(q, s, False)
+        err = (back - w).abs().unflatten(-1, (2, 128))
+        if name == "int8":  # a uniform grid: half a step of the block's scale
+            assert (err <= s.unsqueeze(-1) * 0.5 + 1e-7).all()
+        else:  # e4m3: 3 mantissa bits, half an ulp relative (subnormals: half the smallest step)
+            rel = err / (w.abs().unflatten(-1, (2, 128)) + 2 ** -9 * s.unsqueeze(-1))
+            assert rel.max() <= 2 ** -4 + 1e-6
+    # transposed storage (GPT-2's Conv1D, fused experts stored (E, m, n)): blocks along the logical input dimension
+    q, s = quant.quantize(w.T.contiguous(), quant.FORMATS["int8"], True, 1 << 20)
+    assert q.shape == (256, 64) and s.shape == (64, 2)
+    assert torch.allclose(quant.dequantize(q, s, True), quant.dequantize(*quant.quantize(w, quant.FORMATS["int8"],
+                                                                                           False, 1 << 20), False))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_stochastic_rounding_onto_the_grid_is_unbiased(name):
+    """E[deq(Q(x))] = x for values between grid points, by Monte Carlo: 2000 draws, the mean within the binomial
+    tolerance of each element (`tolerance`: the variance of one draw is (x − lo)(hi − x), known exactly)."""
+    fmt = quant.FORMATS[name]
+    torch.manual_seed(1)
+    x = (torch.randn(4, 128) * 40).clamp(-100, 100)  # within the grid of scale 1: no block is rescaled
+    scale = torch.ones(4, 1)
+    draws = 2000
+    g = torch.Generator().manual_seed(0)
+    total = torch.zeros_like(x)
+    for _ in range(draws):
+        q, s = quant.requantize(x.clone(), scale, fmt, True, g)
+        total += quant.dequantize(q, s, False)
+    mean = total / draws
+    assert ((mean - x).abs() <= tolerance(x, scale, fmt, draws) + 1e-6).all()
+    assert ((mean - x).abs() > 0).any()  # not trivially on the grid
+    q, _ = quant.requantize(x.clone(), scale, fmt, False, None)  # nearest: deterministic, off by up to half a step
+    assert not torch.equal(quant.dequantize(q, scale, False), x)
+
+
+def test_a_block_that_outgrows_its_scale_is_rescaled_not_clipped():
+    fmt = quant.FORMATS["int8"]
+    w = torch.randn(2, 128)
+    q, s = quant.quantize(w, fmt, False, 1 << 20)
+    exact = quant.dequantize(q, s, False)
+    exact[0, 5] = 3 * exact[0].abs().max()  # beyond what row 0's scale can hold
+    target = exact.clone()
+    qn, sn = quant.requantize(exact, s, fmt, True, torch.Generator().manual_seed(0))
+    assert sn[0, 0] == pytest.approx(target[0].abs().max().item() / 127 * quant.GROWTH, rel=1e-6)
+    assert sn[1, 0] == s[1, 0]  # the other block keeps its scale
+    back = quant.dequantize(qn, sn, False)
+    assert (back - target).abs().max() <= sn.max()  # within one step of the new grid: nothing clipped
+    assert qn.abs().max() <= 127
+
+
+def small_updates(name, stochastic, steps):
+    """An 8-bit weight after `steps` updates of a tenth of its grid step each (the regime of a fine-tune)."""
+    fmt = quant.FORMATS[name]
+    w = torch.randn(8, 128)
+    q, s = quant.quantize(w, fmt, False, 1 << 20)
+    start = quant.dequantize(q, s, False)
+    g = torch.Generator().manual_seed(3)
+    toward_zero = -0.1 * s.repeat_interleave(128, -1) * start.sign()  # (no block outgrows its scale)
+    for _ in range(steps):
+        exact = quant.dequantize(q, s, False) + toward_zero
+        q, s = quant.requantize(exact, s, fmt, stochastic, g)
+    return start, quant.dequantize(q, s, False), s
+
+
+def test_nearest_rounding_loses_small_updates_stochastic_rounding_keeps_them():
+    start, nearest, s = small_updates("int8", False, 50)
+    assert torch.equal(nearest, start)  # every update was below half a step: all lost
+    start, sr, s = small_updates("int8", True, 50)
+    steps = s.repeat_interleave(128, -1)
+    far = start.abs() > 10 * steps  # elements that cannot reach zero in 50 tenths of a step
+    moved = ((start - sr) * start.sign() / steps)[far]  # toward zero, in grid steps: 50 × 0.1 = 5, variance 50·0.09
+    assert moved.mean().item() == pytest.approx(5.0, abs=5 * (50 * 0.09 / moved.numel()) ** 0.5)
+
+
+def wrapped(family, name, **kw):
+    model = tiny(family)
+    memwrap.wrap(model, rank=4, granularity=2, weights=name, **kw)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe"])
+@pytest.mark.parametrize("name", FORMATS)
+def test_forward_and_input_gradients_equal_the_dequantized_model(family, name):
+    """Logits and the gradients of every exact parameter (embeddings, norms, biases: they see dX through every layer)
+    equal those of a plain model holding the dequantized weights."""
+    model = wrapped(family, name)
+    units = merge.units_of(model)
+    assert units and all(u.weight.dtype == quant.FORMATS[name].dtype for u in units if not u.is_head)
+    plain = dequantized_copy(model)
+    ids = batch(0)
+    out = model(input_ids=ids, labels=ids)
+    ref = plain(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    ref.loss.backward()
+    ref_grads = dict(plain.named_parameters())
+    checked = 0
+    for n, p in model.named_parameters():
+        if p.grad is not None and "coords" not in n:
+            torch.testing.assert_close(p.grad, ref_grads[n].grad, rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked >= 5
+
+
+def tolerance(exact, scale, fmt, draws):
+    """What the mean of `draws` stochastic roundings of `exact` (logical) onto the grid of `scale` may miss it by: 5
+    standard errors of the binomial ((x − lo)(hi − x) per draw) plus 5 grid steps / draws (a rare neighbour, drawn a
+    handful of times more than expected, is a Poisson tail the normal approximation does not cover)."""
+    nb = scale.shape[-1]
+    s = scale.repeat_interleave(exact.shape[-1] // nb, -1)
+    t = exact / s
+    grid = torch.arange(-127, 128).float() if fmt.dtype == torch.int8 else fmt.table
+    i = torch.searchsorted(grid, t.contiguous()).clamp(1, grid.numel() - 1)
+    var = ((t - grid[i - 1]) * (grid[i] - t)).clamp_min(0)
+    return (5 * (var / draws).sqrt() + 5 * (grid[i] - grid[i - 1]) / draws) * s
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_merge_is_unbiased_per_weight_and_grouped_in_many_waves(name, monkeypatch):
+    """W_new = Q(deq(W)·decay + lift(delta)): over 300 draws of the rounding (the step number seeds it), the mean of
+    deq(W_new) is the exact update within the binomial tolerance of each element (`tolerance`), for the per-weight merge (row blocks) and for
+    the grouped merge cut into many waves (row pieces of several weights)."""
+    model = wrapped("qwen3_moe", name)
+    units = [u for u in merge.units_of(model) if not u.is_head]
+    torch.manual_seed(0)
+    deltas = [torch.randn_like(u.coords, dtype=torch.float32) * 0.3 for u in units]
+    start = [(u.weight.detach().clone(), u.scale.detach().clone()) for u in units]
+    exact = [quant.dequantize(q, s, u.transposed) * 0.99 + u.lifted(d) for u, d, (q, s) in zip(units, deltas, start)]
+    monkeypatch.setattr(grouped, "CPU_WAVE_BYTES", 3000 * grouped.MERGE_BYTES_PER_ELEMENT)  # many row pieces
+    assert len(grouped.waves_of(grouped.buckets_of(units))) > 4
+    for path in ("per-weight", "grouped"):
+        draws = 300
+        total = [torch.zeros_like(e) for e in exact]
+        for step in range(1, draws + 1):
+            for u, (q, s) in zip(units, start):
+                u.weight.data.copy_(q)
+                u.scale.data.copy_(s)
+            if path == "grouped":
+                grouped.merge_many(units, deltas, 0.99, step)
+            else:
+                for u, d in zip(units, deltas):
+                    u.merge(d, 0.99, step)
+            for i, u in enumerate(units):
+                v = quant.dequantize(u.weight, u.scale, u.transposed)
+                total[i] += v
+        for t, e, u in zip(total, exact, units):
+            assert ((t / draws - e).abs() <= tolerance(e, u.scale, u.quant, draws) + 1e-6 * e.abs().max()).all(), path
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_training_with_int8_tracks_bf16_memwrap(family):
+    """40 steps: the int8 run's loss falls as the bf16-W run's does (within 2% at the end), and its weights stay 8-bit
+    with float32 scales through the optimizer and a model.to(bfloat16)."""
+    losses = {}
+    for name in ("keep", "int8"):
+        model = tiny(family).to(torch.bfloat16)
+        memwrap.wrap(model, rank=4, granularity=2, weights=name)
+        model.to(torch.bfloat16)  # casts nothing memwrap keeps
+        opt = memwrap.optimizer(model, lr=3e-3)
+        for step in range(40):
+            ids = batch(step % 4)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        losses[name] = loss.item()
+        if name == "int8":
+            units = [u for u in merge.units_of(model) if not u.is_head]
+            assert all(u.weight.dtype == torch.int8 and u.scale.dtype == torch.float32 for u in units)
+    assert losses["int8"] < 4.0  # log(128) = 4.85 at the start
+    assert losses["int8"] == pytest.approx(losses["keep"], rel=0.02)
+
+
+def test_casts_leave_8bit_weights_and_scales_exact():
+    for name in FORMATS:
+        model = wrapped("llama", name)
+        unit = merge.units_of(model)[0]
+        q, s = unit.weight.detach().clone(), unit.scale.detach().clone()
+        for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float(), lambda m: m.to("cpu")):
+            cast(model)
+            assert unit.weight.dtype == q.dtype and torch.equal(unit.weight.view(torch.uint8), q.view(torch.uint8))
+            assert unit.scale.dtype == torch.float32 and torch.equal(unit.scale, s)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_unwrap_gives_dequantized_weights_in_the_original_dtype_and_save_pretrained_loads(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny(family).to(torch.bfloat16)
+    memwrap.wrap(model, rank=4, granularity=2, weights="int8")
+    units = [u for u in merge.units_of(model) if not u.is_head]
+    expect = {u.layer_name: quant.dequantize(u.weight, u.scale, u.transposed).to(torch.bfloat16) for u in units}
+    memwrap.unwrap(model)
+    assert not [n for n, _ in model.named_parameters() if "scale" in n or "coords" in n]
+    params = dict(model.named_parameters())
+    for name, w in expect.items():
+        p = params[name if name.endswith(("_proj", "proj")) and name in params else name + ".weight"]
+        assert p.dtype == torch.bfloat16 and p.requires_grad
+        assert torch.equal(p if p.shape == w.shape else p.transpose(-1, -2), w)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(theirs[k].dtype == v.dtype and torch.equal(theirs[k], v) for k, v in mine.items())
+
+
+def test_save_and_load_resume_bit_exactly(tmp_path):
+    """Train 3 steps, save (8-bit values, scales, optimizer), train 3 more; a fresh model loaded from the checkpoint and
+    trained the same 3 steps ends with the same bytes in every 8-bit weight and scale."""
+
+    def run(model, opt, steps):
+        for step in steps:
+            ids = batch(step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = tiny("llama").to(torch.bfloat16)
+    memwrap.wrap(model, rank=4, granularity=2, weights="int8")
+    opt = memwrap.optimizer(model, lr=1e-2)
+    run(model, opt, range(3))
+    memwrap.save(model, tmp_path / "ck", optimizer=opt)
+    run(model, opt, range(3, 6))
+    fresh = tiny("llama", seed=5).to(torch.bfloat16)
+    plan = memwrap.load(fresh, tmp_path / "ck")
+    assert plan.weights == "int8"
+    opt2 = memwrap.optimizer(fresh, lr=1e-2)
+    memwrap.load_optimizer(opt2, tmp_path / "ck")
+    run(fresh, opt2, range(3, 6))
+    a, b = model.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys() and any(k.endswith("weight_scale") for k in a)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+
+
+def test_bad_weights_settings_are_refused_before_anything_changes(tmp_path):
+    model = tiny("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for bad in ("int4", "INT8", 8, None):
+        with pytest.raises(InvalidSettingsError, match="weights="):
+            memwrap.wrap(model, rank=4, weights=bad)
+    with pytest.raises(InvalidSettingsError, match="DeepSpeed"):
+        memwrap.wrap(model, budget_gb=1, zero=2, world_size=2, weights="int8")
+    plan = memwrap.plan("llama-2-7b", budget_gb=40, verify=False)
+    with pytest.raises(InvalidSettingsError, match="a plan fixes every setting"):
+        memwrap.wrap(model, plan=plan, weights="int8")
+    assert not memwrap.is_wrapped(model) if hasattr(memwrap, "is_wrapped") else True
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], v) and after[n].dtype == v.dtype for n, v in before.items())
+    import json
+
+    data = plan.to_dict()
+    data["weights"] = "int4"
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    with pytest.raises(PlanMismatchError, match="weights"):
+        memwrap.Plan.load(tmp_path / "p.json")
