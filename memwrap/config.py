@@ -268,7 +268,8 @@ class Plan:
         try:
             check_weights(data.get("weights", "keep"), auto=False)
         except InvalidSettingsError as e:
-            raise PlanMismatchError(f"plan has an invalid weights setting: {e} Re-create the plan with `memwrap plan ... --save`.") from None
+            raise PlanMismatchError(f"plan has an invalid weights setting: {e} Re-create the plan with "
+                                    "`memwrap plan ... --save`.") from None
         plan = cls(**data)
         try:
             check_savings(plan.norms, plan.mlp, plan.attention, plan.checkpoint_layers, plan.loss_chunk)

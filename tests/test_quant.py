@@ -155,8 +155,8 @@ def tolerance(exact, scale, fmt, draws):
 @pytest.mark.parametrize("name", FORMATS)
 def test_merge_is_unbiased_per_weight_and_grouped_in_many_waves(name, monkeypatch):
     """W_new = Q(deq(W)·decay + lift(delta)): over 300 draws of the rounding (the step number seeds it), the mean of
-    deq(W_new) is the exact update within the binomial tolerance of each element (`tolerance`), for the per-weight merge (row blocks) and for
-    the grouped merge cut into many waves (row pieces of several weights)."""
+    deq(W_new) is the exact update within the binomial tolerance of each element (`tolerance`), for the per-weight
+    merge (row blocks) and for the grouped merge cut into many waves (row pieces of several weights)."""
     model = wrapped("qwen3_moe", name)
     units = [u for u in merge.units_of(model) if not u.is_head]
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import WEIGHT_OPTIONS, check_weights  # noqa: F401 (re-exported: the options live with the settings)
+
 BLOCK = 128  # inputs per scale (a divisor of m: 128, 64 or 32, else the whole row)
 GROWTH = 1.125  # a block whose absmax outgrows its scale gets absmax / qmax times this
 SCALE_BYTES = 4
