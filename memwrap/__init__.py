@@ -29,7 +29,7 @@ from .errors import (
     UnmergedUpdateError,
     UnsupportedArchitectureError,
 )
-from .integrations import deepspeed_attach, load, load_optimizer, load_plan, save
+from .integrations import deepspeed_attach, from_pretrained, load, load_optimizer, load_plan, save
 from .planning.planner import plan
 
 __version__ = "0.1.0"
@@ -41,5 +41,5 @@ __all__ = [
     "save", "load", "load_optimizer", "load_plan", "CheckpointError", "plan", "simulate",
     "OptimizerBeforeWrapError", "UnmergedUpdateError", "register_first_moment", "report",
     "deepspeed_attach", "skipped_steps", "NonFiniteError", "CheckpointNotFoundError", "CheckpointCorruptError",
-    "CheckpointMismatchError", "CheckpointVersionError", "CheckpointWriteError",
+    "CheckpointMismatchError", "CheckpointVersionError", "CheckpointWriteError", "from_pretrained",
 ]

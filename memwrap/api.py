@@ -109,9 +109,9 @@ def wrap(
     for key, value in (("stochastic_rounding", stochastic_rounding), ("share_inputs", share_inputs)):
         if not isinstance(value, bool):
             raise InvalidSettingsError(f"{key}={value!r} must be True or False.")
-    from .planning.planner import zero_spec
+    from .planning import planner
 
-    zero_setting = zero_spec(zero, world_size, offload_optimizer)  # InvalidSettingsError before anything changes
+    zero_setting = planner.zero_spec(zero, world_size, offload_optimizer)  # InvalidSettingsError before anything changes
     if activation_dtype is not None:
         _activation_dtype_bytes(model, activation_dtype)  # InvalidSettingsError for an unknown dtype, before anything
     config = WrapConfig(rank=rank, granularity=granularity, projection=projection, refresh_every=refresh_every,
@@ -120,11 +120,7 @@ def wrap(
                         attention=attention, checkpoint_layers=as_layer_indices(checkpoint_layers),
                         loss_chunk=loss_chunk, head=head, nonfinite=nonfinite, weights=weights)
     config.validate()
-    if weights != "keep" and zero_setting is not None:
-        raise InvalidSettingsError(f"weights={weights!r} with zero={zero}: DeepSpeed ZeRO keeps its own flat copies of "
-                                   "the parameters and cannot hold 8-bit weights memwrap updates itself. Use "
-                                   "weights='keep' under DeepSpeed, or train with DDP or FSDP2 (both take 8-bit "
-                                   "weights).")
+    planner.refuse_8bit_under_zero(weights, zero_setting)
     if plan is not None:
         if rank is not None or granularity is not None or budget_gb is not None or config.savings_changed() \
                 or head != "auto" or zero_setting is not None or weights != "keep":
@@ -133,8 +129,6 @@ def wrap(
         the_plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         inject.check_plan_against_model(model, the_plan)
     else:
-        from .planning import planner
-
         the_plan = planner.plan_for_model(model, config, budget_gb=budget_gb, batch_size=batch_size, seq_len=seq_len,
                                           dtype_bytes=_activation_dtype_bytes(model, activation_dtype),
                                           zero=zero_setting)

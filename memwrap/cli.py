@@ -55,6 +55,7 @@ def plan_report(model: str, plan, baselines: dict) -> dict:
         "step_time_overhead": plan.step_time_overhead,
         "recompute": plan.savings,
         "optimizer": plan.optimizer,
+        "weights": plan.weights,
         "baselines": {k: dict(v.parts) | {"peak": v.peak_bytes} for k, v in baselines.items()},
         "plan": plan.to_dict(),
     }
@@ -102,7 +103,7 @@ def format_table(model: str, plan, baselines: dict) -> str:
                                            if which else "none")
     lines.append("")
     lines.append(f"norms: {plan.norms}, mlp: {plan.mlp}, attention: {plan.attention}, checkpointed layers: {layers}, "
-                 f"chunked loss: {plan.loss_chunk or 'off'}, optimizer: {plan.optimizer or '-'}")
+                 f"chunked loss: {plan.loss_chunk or 'off'}, optimizer: {plan.optimizer or '-'}, weights: {plan.weights}")
     if plan.step_time_overhead is not None:
         lines.append(f"predicted step time: +{plan.step_time_overhead:.0%} over plain training (recomputed FLOPs)")
     if plan.skipped:
@@ -128,12 +129,16 @@ def format_table(model: str, plan, baselines: dict) -> str:
 @click.option("--offload-optimizer", is_flag=True, help="ZeRO-Offload: optimizer states in CPU memory (with --zero)")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="where the run trains: on cuda the budget also holds the CUDA context and allocator headroom")
+@click.option("--weights", type=click.Choice(["keep", "int8", "fp8", "auto"]), default="keep", show_default=True,
+              help="the compressed weights in their dtype, in 8 bits (int8, fp8), or 8 bits only where the budget "
+                   "needs them (auto)")
 @click.option("--simulate", "simulate_steps", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=3,
               help="also run N training steps of the plan on fake tensors (memwrap.simulate; default 3) and print "
                    "the peak allocated bytes after each phase")
 def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len: str | None, dtype: str,
              as_json: bool, save_path: str | None, compress_experts: bool | None, zero: str | None,
-             world_size: str | None, offload_optimizer: bool, device: str, simulate_steps: int | None) -> None:
+             world_size: str | None, offload_optimizer: bool, device: str, weights: str,
+             simulate_steps: int | None) -> None:
     """Choose settings for MODEL (a bundled name, a local directory or a hub id) without loading any weights."""
     from .errors import BudgetTooSmallError
     from .planning import planner
@@ -161,7 +166,7 @@ def plan_cmd(model: str, budget_gb: str | None, batch_size: str | None, seq_len:
         zero_kw = dict(zero=int(zero) if zero else None, world_size=ranks, offload_optimizer=offload_optimizer)
         spec = planner.zero_spec(**zero_kw)
         the_plan = planner.plan(model, budget_gb=budget, batch_size=batch, seq_len=seq, dtype=dtype,
-                                compress_experts=compress_experts, device=device, **zero_kw)
+                                compress_experts=compress_experts, device=device, weights=weights, **zero_kw)
         sk = planner.sketch(model, compress_experts=compress_experts)
         base = planner.baselines(sk, batch_size=the_plan.batch_size, seq_len=the_plan.seq_len, dtype_bytes=dtype_bytes,
                                  zero=spec)

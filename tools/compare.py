@@ -269,12 +269,14 @@ def adamw_8bit(model, lr):
     return bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
-def memwrap_at(fraction, refresh_every: int = 100, seed: int = 0, optimizer: str | None = None):
+def memwrap_at(fraction, refresh_every: int = 100, seed: int = 0, optimizer: str | None = None, weights: str = "keep",
+               stochastic_rounding: bool = True):
     """Every wrapped layer at c·r = fraction·m (the planner's own (c, r) for that level, r near 8).
 
     fraction: a number, or a function of (LayerPlan, layer index, number of layers) for a per-layer allocation that
     returns a fraction or a (c, r) pair;
-    seed: the projections' seed; optimizer: the kind memwrap.optimizer builds (None: ProjFactor)."""
+    seed: the projections' seed; optimizer: the kind memwrap.optimizer builds (None: ProjFactor); weights: "int8"/"fp8"
+    stores the wrapped weights in 8 bits (stochastic_rounding=False: nearest rounding, the ablation)."""
     import dataclasses
 
     from memwrap.planning.planner import settings_at
@@ -288,15 +290,16 @@ def memwrap_at(fraction, refresh_every: int = 100, seed: int = 0, optimizer: str
             got = at(lp, layer_index(lp.name), count)
             return got if isinstance(got, tuple) else settings_at(lp.in_features, got)
         layers = tuple(dataclasses.replace(lp, **dict(zip("cr", cr(lp)))) for lp in first.layers)
-        memwrap.wrap(model, plan=dataclasses.replace(first, layers=layers, optimizer=optimizer))
+        memwrap.wrap(model, plan=dataclasses.replace(first, layers=layers, optimizer=optimizer, weights=weights,
+                                                     stochastic_rounding=stochastic_rounding))
         return model
     return setup
 
 
-def memwrap_plan(model, work):
+def memwrap_plan(model, work, weights: str = "keep"):
     """What a user gets from the one line: wrap(model, budget_gb=...) plans rank, granularity, checkpointing and
     the chunked loss for the workload's batch, and memwrap.optimizer builds the optimizer the plan names."""
-    memwrap.wrap(model, budget_gb=work.plan_budget_gb, batch_size=work.batch, seq_len=work.seq)
+    memwrap.wrap(model, budget_gb=work.plan_budget_gb, batch_size=work.batch, seq_len=work.seq, weights=weights)
     return model
 
 
@@ -324,6 +327,13 @@ METHODS = {m.name: m for m in [
     Method("memwrap-1/4", memwrap_opt, setup=memwrap_at(1 / 4), note="c·r = m/4, memwrap.optimizer, τ100"),
     Method("memwrap-1/8", memwrap_opt, setup=memwrap_at(1 / 8), note="c·r = m/8, memwrap.optimizer, τ100"),
     Method("memwrap-1/32", memwrap_opt, setup=memwrap_at(1 / 32), note="c·r = m/32, memwrap.optimizer, τ100"),
+    # 8-bit base weights (wrap(weights=...)): not in the default lists; docs/quality.md, 8-bit weights
+    Method("memwrap-plan-int8", memwrap_opt, setup=lambda m, w: memwrap_plan(m, w, "int8"), takes_workload=True,
+           note="wrap(model, budget_gb=..., weights='int8')"),
+    Method("memwrap-1/8-int8", memwrap_opt, setup=memwrap_at(1 / 8, weights="int8"), note="1/8, int8 weights"),
+    Method("memwrap-1/8-fp8", memwrap_opt, setup=memwrap_at(1 / 8, weights="fp8"), note="1/8, fp8 (e4m3) weights"),
+    Method("memwrap-1/8-int8-nearest", memwrap_opt, setup=memwrap_at(1 / 8, weights="int8", stochastic_rounding=False),
+           note="1/8, int8 weights, nearest rounding (ablation)"),
 ]}
 
 

@@ -58,6 +58,8 @@ class Variant:
     warmup: tuple[float, int] | None = None  # (fraction, steps): train at that coarser compression first, then rewrap
     tau_schedule: tuple[int, ...] = ()  # steps at which P is redrawn (a growing τ), instead of every `tau`
     schedule: str = "constant"  # the lr over the run: "constant" or "cosine" (to 10% of the peak at the last step)
+    weights: str = "keep"  # the wrapped weights in their dtype, or 8-bit ("int8", "fp8": wrap(weights=...))
+    stochastic_rounding: bool = True  # False: nearest rounding of the merge (the 8-bit ablation)
     note: str = ""
 
 
@@ -122,6 +124,11 @@ VARIANTS = {v.name: v for v in [
       for k in ("1/8", "1/16", "1/32")],
     *[Variant(f"cos-{k}-lr2e-3", fraction=1 / int(k[2:]), lr=2e-3, schedule="cosine", note="cosine from lr 2e-3")
       for k in ("1/8", "1/16", "1/32")],
+    # 8-bit base weights (docs/quality.md, 8-bit weights): int8 and fp8 e4m3, stochastic and nearest rounding
+    Variant("1/8-int8", weights="int8", note="int8 weights, a float32 scale per 128 inputs"),
+    Variant("1/8-fp8", weights="fp8", note="fp8 (e4m3) weights, a float32 scale per 128 inputs"),
+    Variant("1/8-int8-nearest", weights="int8", stochastic_rounding=False, note="int8 weights, nearest rounding"),
+    Variant("1/8-fp8-nearest", weights="fp8", stochastic_rounding=False, note="fp8 weights, nearest rounding"),
 ]}
 SECOND = ("1/16-lr×0.7", "1/16-τ200", "1/16-r4", "1/16-r2", "1/32-r2")
 THIRD = ("1/8-τ-grow", "1/8-warm-1/4", "1/16-warm-1/4")
@@ -159,8 +166,9 @@ def method(v: Variant, seed: int) -> compare.Method:
                 group["lr"] = lr * v.lr_scale
         return opt
     start = v.warmup[0] if v.warmup else v.fraction
-    return compare.Method(v.name, build_opt, setup=compare.memwrap_at(start, v.tau, seed=seed), note=v.note,
-                          lr_scale=scale)
+    return compare.Method(v.name, build_opt, setup=compare.memwrap_at(start, v.tau, seed=seed, weights=v.weights,
+                                                                     stochastic_rounding=v.stochastic_rounding),
+                          note=v.note, lr_scale=scale)
 
 
 def grow_tau(run: compare.Run, schedule: tuple[int, ...]) -> None:

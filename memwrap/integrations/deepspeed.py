@@ -107,6 +107,12 @@ def attach(engine) -> DeepSpeedLink | None:
         for u in every:
             u._engine_checked = True
         return None
+    eight_bit = [u.layer_name for u in every if u.quant is not None]
+    if eight_bit:
+        raise UnsupportedEngineError(
+            f"this model's wrapped weights are stored in 8 bits ({eight_bit[0]!r} and {len(eight_bit) - 1} more: "
+            "wrap(weights='int8'/'fp8')), which DeepSpeed's flat parameter copies cannot hold. Nothing has been "
+            "stepped. Wrap with weights='keep' to train under DeepSpeed, or train the 8-bit model with DDP or FSDP2.")
     if kind is None:
         raise UnsupportedEngineError(
             f"DeepSpeed runs this model with {type(optimizer).__name__}, which keeps master copies of the parameters "

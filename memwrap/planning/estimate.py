@@ -24,6 +24,7 @@ from torch import nn
 from ..compress.base import MERGE_BYTES_PER_ELEMENT, MERGE_CHUNK_BYTES
 from ..compress.inject import is_conv1d, name_matches, tied_parameter_ids
 from ..compress.loss import output_head
+from ..compress.quant import weight_bytes as quant_weight_bytes
 from ..config import ATTENTION_8BIT, LayerPlan, WrapConfig
 from ..errors import InvalidSettingsError
 
@@ -612,7 +613,7 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
              seq_len: int, dtype_bytes: int, param_bytes: int | None = None, optimizer: str = "adamw",
              gradient_checkpointing: bool = False, chunked_cross_entropy: bool = False,
              ce_chunk_tokens: int = 1024, savings: dict | None = None, coords_bytes: int = FP32,
-             zero: ZeroSpec | None = None) -> Estimate:
+             zero: ZeroSpec | None = None, weight_format: str = "keep") -> Estimate:
     """Predicted peak of one training step (forward, backward, optimizer step) with the given layer settings.
 
     layers=None is plain training (every weight exact). The peak is the larger of the end of forward
@@ -620,15 +621,22 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
     optimizer step (weights + gradients + states). Coords take no bytes of their own: memwrap.optimizer, which the
     plan names, releases their storage (they stay zero under it) and keeps only their gradient (`coords_bytes` each).
     zero: the bytes of one rank under DeepSpeed ZeRO instead (`zero_bytes`; its AdamW steps the coords).
+    weight_format: "int8"/"fp8": every compressed weight but the output head is stored in 8 bits with float32 block
+    scales (memwrap.compress.quant), and forward and backward dequantize one of them at a time (a transient).
     """
     pb = param_bytes or dtype_bytes
     N = batch_size * seq_len
     zero_transient = offloaded = 0
+    eight_bit = set() if layers is None or weight_format == "keep" else \
+        {lp.name for lp in layers} - {w.name for w in weights if w.head}
     if zero is not None:
         weight_bytes, grads, states, offloaded, zero_transient = zero_bytes(weights, layers, pb, zero)
     else:
-        weight_bytes = sum(w.numel for w in weights) * pb
+        weight_bytes = sum(quant_weight_bytes(w.numel, w.in_features) if w.name in eight_bit else w.numel * pb
+                           for w in weights)
         grads, states = trainable_bytes(weights, layers, pb, optimizer, coords_bytes)
+    # an 8-bit weight dequantized for its matmul: the float32 product, then its cast (one weight at a time)
+    dequant = max((w.numel for w in weights if w.name in eight_bit), default=0) * (FP32 + dtype_bytes)
     if layers is not None and (savings or {}).get("loss_chunk"):
         chunked_cross_entropy, ce_chunk_tokens = True, savings["loss_chunk"]
     elif chunked_cross_entropy and layers is not None:
@@ -651,7 +659,7 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
     per_row = (2 * FP32 + dtype_bytes) if chunked_cross_entropy and layers is not None else (FP32 + dtype_bytes)
     transient = max(rows * shape.vocab * per_row,
                     N * max(shape.intermediate, shape.moe_intermediate * max(shape.top_k, 1)) * dtype_bytes * 2,
-                    recompute) + zero_transient
+                    recompute, dequant) + zero_transient
     forward_peak = weight_bytes + states + saved + live_logits + transient
     # the step's transient: the exact weights' optimizer temporaries (memwrap.optimizer: a wave of them at a time;
     # plain AdamW's single-tensor path holds two temporaries of the weight), or one wave of the grouped merge
@@ -667,4 +675,6 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
     details = {"activations": acts, "forward_peak": forward_peak, "step_peak": step_peak}
     if zero is not None:
         details.update(zero=zero.describe(), offloaded_bytes=offloaded)
+    if eight_bit:
+        details.update(weight_format=weight_format, eight_bit_weights=len(eight_bit))
     return Estimate(parts=parts, peak_bytes=int(peak), saved_activation_bytes=int(saved), details=details)

@@ -175,8 +175,10 @@ class Choice:
     estimate: Estimate
     overhead: float  # predicted step time over plain training
     optimizer: str = PLAN_OPTIMIZER  # whose state bytes the plan counted: "adamw" (subspace) or "projfactor"
+    weights: str = "keep"  # the compressed weights' storage: "keep", "int8", "fp8"
     head: bool = False  # the output head compressed because the exact one did not fit at this level
     moved: tuple = ()  # (groups at the coarser level, all groups, that level): per-layer rank and granularity
+    weights_note: str = ""  # why weights="auto" chose what it chose
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -188,9 +190,10 @@ class Choice:
 
 
 def _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer=PLAN_OPTIMIZER,
-              coords_bytes=4, zero=None):
+              coords_bytes=4, zero=None, weight_format="keep"):
     return estimate(shape, weights, layers, batch_size=batch, seq_len=seq, dtype_bytes=dtype_bytes,
-                    param_bytes=param_bytes, optimizer=optimizer, savings=savings, coords_bytes=coords_bytes, zero=zero)
+                    param_bytes=param_bytes, optimizer=optimizer, savings=savings, coords_bytes=coords_bytes, zero=zero,
+                    weight_format=weight_format)
 
 
 def _with_layers(savings: dict, k: int, n_layers: int) -> dict:
@@ -211,7 +214,7 @@ def loss_chunk_rows(shape: ModelShape, dtype_bytes: int) -> int:
 
 
 def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, param_bytes, fixed=None,
-            optimizer=PLAN_OPTIMIZER, coords_bytes=4, zero=None) -> Choice | None:
+            optimizer=PLAN_OPTIMIZER, coords_bytes=4, zero=None, weight_format="keep") -> Choice | None:
     """At one compression: the fastest recompute choice that fits (fewest checkpointed layers, by bisection)."""
     causal = shape.family == "decoder"
     chunk_rows = loss_chunk_rows(shape, dtype_bytes)
@@ -225,7 +228,7 @@ def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, pa
     for base in bases:
         def peak(k, base=base):
             return _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes,
-                             _with_layers(base, k, L), optimizer, coords_bytes, zero).peak_bytes
+                             _with_layers(base, k, L), optimizer, coords_bytes, zero, weight_format).peak_bytes
 
         if fixed is not None:
             ks = [0]
@@ -243,10 +246,10 @@ def best_at(shape, weights, layers, *, budget_bytes, batch, seq, dtype_bytes, pa
         for k in ks:
             savings = base if fixed is not None else _with_layers(base, k, L)
             est = _estimate(shape, weights, layers, batch, seq, dtype_bytes, param_bytes, savings, optimizer,
-                            coords_bytes, zero)
+                            coords_bytes, zero, weight_format)
             if est.peak_bytes > budget_bytes:
                 continue
-            choice = Choice(layers, 0.0, savings, est, recompute_overhead(shape, savings, seq), optimizer)
+            choice = Choice(layers, 0.0, savings, est, recompute_overhead(shape, savings, seq), optimizer, weight_format)
             key = (round(choice.overhead, 6), est.peak_bytes)  # equal time (to rounding): the fewer bytes
             if best is None or key < (round(best.overhead, 6), best.estimate.peak_bytes):
                 best = choice
@@ -287,7 +290,7 @@ def refine(shape, weights, choice: Choice, index: int, *, budget_bytes, batch, s
     def attempt(k: int) -> Choice | None:
         return best_at(shape, weights, layers_with(k), budget_bytes=budget_bytes, batch=batch, seq=seq,
                        dtype_bytes=dtype_bytes, param_bytes=param_bytes, fixed=fixed, optimizer=choice.optimizer,
-                       coords_bytes=coords_bytes, zero=zero)
+                       coords_bytes=coords_bytes, zero=zero, weight_format=choice.weights)
 
     lo, hi, best = 0, len(groups), None  # lo fits (k = 0 is the choice itself)
     while lo < hi:
@@ -306,7 +309,7 @@ def refine(shape, weights, choice: Choice, index: int, *, budget_bytes, batch, s
 
 def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, budget_bytes: int, batch_size: int,
            seq_len: int, dtype_bytes: int, param_bytes: int, fixed: dict | None = None, coords_bytes: int = 4,
-           head: Target | None = None, zero: ZeroSpec | None = None) -> Choice:
+           head: Target | None = None, zero: ZeroSpec | None = None, weight_format: str = "keep") -> Choice:
     """Quality first, then speed: the least compression at which some recompute choice fits, and at it the fastest
     choice; BudgetTooSmallError naming the smallest budget and the largest batch that fit.
 
@@ -322,7 +325,7 @@ def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, b
                 layers = layers_at(targets + ([head] if with_head else []), level, dtype_bytes)
                 got = best_at(shape, weights, layers, budget_bytes=budget_bytes, batch=batch_size, seq=seq_len,
                               dtype_bytes=dtype_bytes, param_bytes=param_bytes, fixed=fixed, optimizer=optimizer,
-                              coords_bytes=coords_bytes, zero=zero)
+                              coords_bytes=coords_bytes, zero=zero, weight_format=weight_format)
                 if got is not None:
                     got = replace(got, level=level, head=with_head)
                     got = refine(shape, weights, got, LEVELS.index(level), budget_bytes=budget_bytes,
@@ -336,7 +339,7 @@ def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, b
 
     def need(b: int) -> int:
         return _estimate(shape, weights, cheapest_layers, b, seq_len, dtype_bytes, param_bytes, cheapest,
-                         coords_bytes=coords_bytes, zero=zero).peak_bytes
+                         coords_bytes=coords_bytes, zero=zero, weight_format=weight_format).peak_bytes
 
     least = need(batch_size)
     max_batch = 0
@@ -355,6 +358,54 @@ def choose(shape: ModelShape, weights: list[Weight], targets: list[Target], *, b
         f"nothing fits a budget of {_fmt_bytes(budget_bytes)}: needs at least {_fmt_bytes(least)} at batch "
         f"{batch_size} × seq_len {seq_len} (with the smallest rank, every layer checkpointed and the chunked "
         f"loss); {where}.", min_budget_bytes=int(least), max_batch_size=max_batch)
+
+
+EIGHT_BIT_AUTO = "int8"  # the 8-bit format weights="auto" picks (docs/quality.md: int8 measured closer to bf16 than fp8)
+
+
+def eight_bit_cost(fmt: str = EIGHT_BIT_AUTO) -> float:
+    """The measured held-out loss cost of 8-bit weights over bf16 weights at equal compression (a fraction;
+    memwrap/planning/quality.json, written from tools/compare.py runs: docs/quality.md)."""
+    mean, _spread = quality_curve()["weights_8bit"][fmt]
+    return max(0.0, mean - 1)
+
+
+def choose_weights(shape: ModelShape, weights: list[Weight], targets: list[Target], *, weight_option: str,
+                   **kw) -> Choice:
+    """`choose` for a weights= option: "keep", "int8" or "fp8" as given; "auto" keeps the weights' dtype where that
+    fits at the quality threshold (QUALITY_FLOOR), else takes whichever of (kept weights at a finer compression, 8-bit
+    weights at a coarser one) has the lower expected quality cost: the compression's measured cost against the
+    compression's plus 8-bit weights' (docs/quality.md). The choice's notes say what was chosen and why."""
+    if weight_option != "auto":
+        return choose(shape, weights, targets, weight_format=weight_option, **kw)
+    kept = error = None
+    try:
+        kept = choose(shape, weights, targets, weight_format="keep", **kw)
+    except BudgetTooSmallError as e:
+        error = e
+    if kept is not None and kept.level >= QUALITY_FLOOR:
+        return replace(kept, weights_note=f"weights='auto': the weights keep their dtype (they fit at "
+                                          f"1/{round(1 / kept.level)} compression, the quality threshold or coarser)")
+    try:
+        small = choose(shape, weights, targets, weight_format=EIGHT_BIT_AUTO, **kw)
+    except BudgetTooSmallError:
+        if kept is None:
+            raise error from None
+        return replace(kept, weights_note="weights='auto': the weights keep their dtype (8-bit weights fit no better)")
+    cost8 = eight_bit_cost()
+    small_cost = quality_cost(small.level)[0] + cost8
+    if kept is None:
+        return replace(small, weights_note=f"weights='auto': weights stored in {EIGHT_BIT_AUTO} because nothing fits "
+                                           f"with them in their dtype; 8-bit weights cost about {cost8:.1%} held-out "
+                                           "loss (measured: docs/quality.md)")
+    kept_cost = quality_cost(kept.level)[0]
+    why = (f"(expected held-out loss above AdamW's: kept weights at 1/{round(1 / kept.level)} compression "
+           f"{kept_cost:.1%}; {EIGHT_BIT_AUTO} weights at 1/{round(1 / small.level)} {small_cost:.1%}, of which "
+           f"{cost8:.1%} for 8 bits; docs/quality.md)")
+    if small_cost < kept_cost:
+        return replace(small, weights_note=f"weights='auto': weights stored in {EIGHT_BIT_AUTO}, which fit at a coarser "
+                                           f"compression than weights in their dtype {why}")
+    return replace(kept, weights_note=f"weights='auto': the weights keep their dtype at a finer compression {why}")
 
 
 def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tuple[str, ...]:
@@ -400,6 +451,12 @@ def _notes(choice: Choice, source: str, shape: ModelShape | None = None) -> tupl
         notes.append("optimizer states counted for ProjFactor (memwrap.optimizer(model) builds it): a factored "
                      "second moment instead of subspace AdamW's, which does not fit at this compression; about 1% "
                      "higher loss than subspace AdamW at 600 steps and 2000 steps (docs/quality.md)")
+    if choice.weights != "keep":
+        notes.append(f"the compressed weights are stored in {choice.weights} with a float32 scale per row and block of "
+                     "inputs (the output head keeps its dtype), dequantized one layer at a time in forward and backward "
+                     "and updated with unbiased stochastic rounding")
+    if choice.weights_note:
+        notes.append(choice.weights_note)
     if choice.head:
         notes.append("the output head (lm_head) is compressed like the other linears: with its exact gradient and "
                      "optimizer states the plan does not fit at this compression")
@@ -441,6 +498,15 @@ def zero_spec(zero, world_size=None, offload_optimizer=False) -> ZeroSpec | None
     return ZeroSpec(int(zero), world_size, offload_optimizer)
 
 
+def refuse_8bit_under_zero(weights: str, zero: ZeroSpec | None) -> None:
+    """InvalidSettingsError for 8-bit weights planned under DeepSpeed ZeRO (before anything is planned or changed)."""
+    if weights != "keep" and zero is not None:
+        raise InvalidSettingsError(f"weights={weights!r} with DeepSpeed ZeRO (zero={zero.stage}): DeepSpeed keeps its "
+                                   "own flat copies of the parameters and cannot hold 8-bit weights that memwrap updates "
+                                   "itself. Use weights='keep' under DeepSpeed, or train with DDP or FSDP2 (both take "
+                                   "8-bit weights).")
+
+
 def resolve_budget(budget_gb: float | None) -> tuple[int, str]:
     """(budget bytes, where it came from): explicit, else NVML/torch.cuda free minus a margin, else available RAM."""
     if budget_gb is not None:
@@ -466,7 +532,7 @@ def _finish(base: Plan, choice: Choice, budget_bytes: int, batch: int, seq: int,
                    chunked_cross_entropy=choice.chunked_cross_entropy, memory=memory,
                    norms=sv["norms"], mlp=sv["mlp"], attention=sv["attention"],
                    checkpoint_layers=sv["checkpoint_layers"], loss_chunk=sv["loss_chunk"],
-                   step_time_overhead=round(choice.overhead, 4), optimizer=choice.optimizer,
+                   step_time_overhead=round(choice.overhead, 4), optimizer=choice.optimizer, weights=choice.weights,
                    notes=_notes(choice, source, shape))
 
 
@@ -616,11 +682,11 @@ def plan_for_model(model: nn.Module, config: WrapConfig, *, budget_gb=None, batc
     param_bytes = param.element_size() if param is not None else dtype_bytes
 
     def make(analytic_budget: int) -> Plan:
-        choice = choose(shape, weights, targets, budget_bytes=analytic_budget, batch_size=batch, seq_len=seq,
-                        dtype_bytes=dtype_bytes, param_bytes=param_bytes,
-                        fixed=config.savings if config.savings_changed() else None,
-                        coords_bytes=2 if param is not None and param.dtype == torch.bfloat16 else 4, head=head,
-                        zero=zero)
+        choice = choose_weights(shape, weights, targets, budget_bytes=analytic_budget, batch_size=batch, seq_len=seq,
+                                dtype_bytes=dtype_bytes, param_bytes=param_bytes,
+                                fixed=config.savings if config.savings_changed() else None,
+                                coords_bytes=2 if param is not None and param.dtype == torch.bfloat16 else 4, head=head,
+                                zero=zero, weight_option=config.weights)
         return _finish(base, choice, budget_bytes, batch, seq, _DTYPE_NAMES.get(dtype_bytes, f"{dtype_bytes}-byte"),
                        source, shape)
 
@@ -695,7 +761,9 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     """Plan a model from its config alone (nothing loaded); `wrap(model, plan=...)` applies the result exactly.
 
     dtype is that of the weights and activations (fp32, bf16, fp16). zero (1, 2, 3), world_size and
-    offload_optimizer: the budget is one rank's under DeepSpeed ZeRO. Raises BudgetTooSmallError when
+    offload_optimizer: the budget is one rank's under DeepSpeed ZeRO. weights="int8"/"fp8" plans 8-bit compressed
+    weights, "auto" only where the weights in their dtype do not fit at the quality threshold (the notes say which
+    and why; the plan stores the choice). Raises BudgetTooSmallError when
     nothing fits, InvalidSettingsError for bad input or an unknown model. The plan's peak is its steady-state training
     step, simulated on fake tensors (memwrap.simulate), and the budget also holds the CUDA context and allocator
     headroom (memwrap.planning.card) when device is "cuda" (the default; "cpu" reserves neither); verify=False keeps
@@ -713,6 +781,7 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     _, dtype_bytes = dtype_from_name(dtype)
     config = WrapConfig(**wrap_kwargs)
     config.validate()
+    refuse_8bit_under_zero(config.weights, zero)
     sk = sketch(model, config, compress_experts)
     if not sk.targets:
         raise InvalidSettingsError(f"no compressible layer in {model!r} ({sk.model_class}); check targets=/exclude=.")
@@ -721,10 +790,11 @@ def plan(model: str, budget_gb: float | None = None, batch_size: int | None = No
     seq = seq_len or sk.max_positions
 
     def choice_at(analytic_budget: int) -> Choice:
-        return choose(sk.shape, sk.weights, sk.targets, budget_bytes=analytic_budget, batch_size=batch, seq_len=seq,
-                      dtype_bytes=dtype_bytes, param_bytes=dtype_bytes,
-                      fixed=config.savings if config.savings_changed() else None,
-                      coords_bytes=2 if dtype.lower() in ("bf16", "bfloat16") else 4, head=sk.head, zero=zero)
+        return choose_weights(sk.shape, sk.weights, sk.targets, budget_bytes=analytic_budget, batch_size=batch,
+                              seq_len=seq, dtype_bytes=dtype_bytes, param_bytes=dtype_bytes,
+                              fixed=config.savings if config.savings_changed() else None,
+                              coords_bytes=2 if dtype.lower() in ("bf16", "bfloat16") else 4, head=sk.head, zero=zero,
+                              weight_option=config.weights)
 
     planned = {t.name for t in sk.targets}
     skipped = sk.skipped + tuple((w.name, "fused experts left exact (compress_experts=False)") for w in sk.weights
