@@ -28,11 +28,13 @@ def global_batch(step):
 
 
 def build(kind):
-    """kind: 'adamw' (memwrap + torch AdamW), 'memwrap' (memwrap + memwrap.optimizer), 'plain' (no memwrap, AdamW)."""
+    """kind: 'adamw' (memwrap + torch AdamW), 'memwrap' (memwrap + memwrap.optimizer), 'plain' (no memwrap, AdamW),
+    'memwrap-int8' (memwrap.optimizer, the wrapped weights stored in int8)."""
     model = tiny_llama(seed=0)
     if kind != "plain":
-        memwrap.wrap(model, rank=4, granularity=2, refresh_every=REFRESH, seed=1)
-    if kind == "memwrap":
+        memwrap.wrap(model, rank=4, granularity=2, refresh_every=REFRESH, seed=1,
+                     weights="int8" if kind.endswith("int8") else "keep")
+    if kind.startswith("memwrap"):
         return model, memwrap.optimizer(model, lr=3e-3, weight_decay=0.1)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.1)
 
@@ -116,7 +118,7 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {}
-    for kind in ("adamw", "memwrap", "plain", "adamw-accum"):
+    for kind in ("adamw", "memwrap", "plain", "adamw-accum", "memwrap-int8"):
         mine = run_ddp(kind, steps, rank, world)
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)

@@ -2,7 +2,7 @@
 
 usage: torchrun --nproc_per_node 2 dist_fsdp.py OUT_DIR STEPS SPLIT CONFIG [CONFIG ...]
        CONFIG: MODEL:OPT[:bf16], MODEL dense | moe, OPT adamw (torch) | projfactor | projfactor-ef | subspace (memwrap.optimizer),
-       bf16: FSDP2 mixed precision (bf16 parameters in compute, fp32 gradient reduction)
+       bf16: FSDP2 mixed precision (bf16 parameters in compute, fp32 gradient reduction); int8: wrap(weights="int8")
 For each config: train STEPS steps on the global batch split over ranks, saving a DCP checkpoint after SPLIT steps;
 then build a fresh sharded model and optimizer, load the checkpoint and train the remaining steps. Rank 0 writes
 OUT_DIR/CONFIG.json (losses of both runs, local shard shapes) and OUT_DIR/CONFIG.pt (full weights at the end).
@@ -42,9 +42,9 @@ def global_batch(step):
     return torch.randint(0, 256, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(500 + step % 4))
 
 
-def build(model_kind, opt_kind):
+def build(model_kind, opt_kind, weights="keep"):
     model = tiny_llama(seed=0) if model_kind == "dense" else tiny_moe(seed=0)
-    memwrap.wrap(model, rank=4, granularity=2, refresh_every=REFRESH, seed=1)
+    memwrap.wrap(model, rank=4, granularity=2, refresh_every=REFRESH, seed=1, weights=weights)
     return model
 
 
@@ -76,9 +76,9 @@ def count_collectives(fn) -> int:
     return comm.get_total_counts()
 
 
-def run_single(model_kind, opt_kind, steps):
+def run_single(model_kind, opt_kind, steps, weights="keep"):
     """(losses, final state dict) of the same training on one process."""
-    model = build(model_kind, opt_kind)
+    model = build(model_kind, opt_kind, weights)
     opt = make_optimizer(model, opt_kind)
     losses = [step(model, opt, global_batch(s)).item() for s in range(steps)]
     return losses, model.state_dict()
@@ -116,8 +116,9 @@ def run_config(out_dir, steps, split, config, mesh, rank, world):
 
     model_kind, opt_kind, *extra = config.split(":")
     bf16 = "bf16" in extra
+    weights = "int8" if "int8" in extra else "keep"
     ckpt = os.path.join(out_dir, config.replace(":", "-") + "-dcp")
-    model = shard(build(model_kind, opt_kind), mesh, bf16)
+    model = shard(build(model_kind, opt_kind, weights), mesh, bf16)
     opt = make_optimizer(model, opt_kind)
     layer = next(m for m in model.modules() if isinstance(m, CompressedLinear))
     shapes = dict(coords=list(local(layer.coords).shape), weight=list(local(layer.weight).shape),
@@ -134,7 +135,7 @@ def run_config(out_dir, steps, split, config, mesh, rank, world):
     full += train_ranks(model, opt, range(split, steps), rank, world)
     final = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    fresh = shard(build(model_kind, opt_kind), mesh, bf16)  # fresh = same init; load must overwrite the trained state
+    fresh = shard(build(model_kind, opt_kind, weights), mesh, bf16)  # fresh = same init; load must overwrite the trained state
     opt2 = make_optimizer(fresh, opt_kind)
     msd, osd = get_state_dict(fresh, opt2)
     state = {"model": msd, "optim": osd}

@@ -371,3 +371,66 @@ def test_from_pretrained_peak_is_the_8bit_model_plus_one_tensor(tmp_path):
     assert held < 0.56 * bf16_bytes  # int8 values and float32 scales of the linears, the rest in bf16
     assert grown <= held + one_tensor + (40 << 20), (grown, held, one_tensor)
     assert grown < 0.8 * bf16_bytes
+
+
+# ---- the byte model, the simulator, the planner and the CLI know 8-bit weights ---------------------------------------
+def test_predicted_bytes_equal_measured_bytes_of_an_int8_model():
+    """A tiny bf16 Llama wrapped with weights='int8' from a budget: the plan's weight bytes are the parameters'
+    storage bytes, and the simulated steady-state step (memwrap.simulate, fake tensors) equals the live bytes of the
+    same steps measured on the real CPU model, phase by phase, within 2%."""
+    from memwrap.planning.simulate import measure_steps
+
+    model = tiny("llama").to(torch.bfloat16)
+    base = copy.deepcopy(model)
+    plan = memwrap.wrap(model, budget_gb=0.05, batch_size=2, seq_len=32, weights="int8")
+    assert plan.weights == "int8"
+    stored = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for n, p in model.named_parameters()
+                  if "coords" not in n}.values())  # (coords: released by memwrap.optimizer, counted with no bytes)
+    assert dict(plan.memory)["weights"] == pytest.approx(stored, rel=0.01)
+    unit = merge.units_of(model)[0]
+    assert unit.weight.element_size() == 1
+    sim = memwrap.simulate(base, plan, batch_size=2, seq_len=32, steps=3)
+    measured, _, _ = measure_steps(model, lambda: memwrap.optimizer(model, lr=1e-3), batch_size=2, seq_len=32, steps=3)
+    for phase in ("forward", "backward", "optimizer"):
+        assert sim.steps[-1][phase] == pytest.approx(measured[-1][phase], rel=0.02), phase
+
+
+def test_targets_7b_on_12gb_and_13b_on_24gb():
+    """The issue's targets on the byte model and the simulator: Llama-2-7B at 1 × 2048 with int8 weights on a 12 GB
+    card (steady peak + CUDA context + allocator headroom), Llama-2-13B at 4 × 2048 on 24 GB; neither fits with bf16
+    weights (the 7B not even at 16 GB)."""
+    p7 = memwrap.plan("llama-2-7b", budget_gb=12, batch_size=1, seq_len=2048, weights="int8")
+    card = sum(v for k, v in p7.memory if k in ("peak", "cuda context", "allocator headroom"))
+    assert p7.weights == "int8" and card <= 12e9
+    assert dict(p7.memory)["weights"] < 7.5e9
+    with pytest.raises(memwrap.BudgetTooSmallError):
+        memwrap.plan("llama-2-7b", budget_gb=12, batch_size=1, seq_len=2048, verify=False)
+    p13 = memwrap.plan("llama-2-13b", budget_gb=24, batch_size=4, seq_len=2048, weights="int8", verify=False)
+    assert p13.weights == "int8" and p13.batch_size == 4
+    with pytest.raises(memwrap.BudgetTooSmallError):
+        memwrap.plan("llama-2-13b", budget_gb=24, batch_size=4, seq_len=2048, verify=False)
+
+
+def test_auto_keeps_the_dtype_where_it_fits_at_the_quality_threshold_and_says_why():
+    roomy = memwrap.plan("llama-2-7b", budget_gb=80, batch_size=1, seq_len=2048, weights="auto", verify=False)
+    assert roomy.weights == "keep" and any("keep their dtype" in n for n in roomy.notes)
+    tight = memwrap.plan("llama-2-13b", budget_gb=24, batch_size=4, seq_len=2048, weights="auto", verify=False)
+    assert tight.weights == "int8"
+    assert any("weights='auto': weights stored in int8" in n for n in tight.notes)
+
+
+def test_cli_plan_weights_option_and_json(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from memwrap.cli import main
+
+    out = CliRunner().invoke(main, ["plan", "llama-2-7b", "--budget-gb", "12", "--batch-size", "1", "--seq-len", "2048",
+                                    "--weights", "int8", "--json", "--save", str(tmp_path / "p.json")])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["weights"] == "int8" and data["plan"]["weights"] == "int8"
+    assert memwrap.Plan.load(tmp_path / "p.json").weights == "int8"
+    bad = CliRunner().invoke(main, ["plan", "llama-2-7b", "--weights", "int4"])
+    assert bad.exit_code == 2 and "int4" in bad.output

@@ -323,6 +323,25 @@ def plot(tables: dict[int, dict], out: str) -> str | None:
     return out
 
 
+EIGHT_BIT = ("int8", "fp8", "int8-nearest", "fp8-nearest")  # variants "1/8-<format>" against "1/8", at EIGHT_BIT_STEPS
+EIGHT_BIT_STEPS = 600
+
+
+def eight_bit(runs: dict) -> dict:
+    """Held-out loss of 8-bit weights over the same run with the weights kept (1/8, the same seeds): mean ratio and
+    half the spread over seeds, per format (the planner's weights='auto' reads "int8" and "fp8")."""
+    res = results_at(runs, EIGHT_BIT_STEPS)
+    base = res.get("1/8", {})
+    out = {}
+    for fmt in EIGHT_BIT:
+        by_seed = res.get(f"1/8-{fmt}", {})
+        common = sorted(set(by_seed) & set(base))
+        if common:
+            ratios = [by_seed[s][0] / base[s][0] for s in common]
+            out[fmt] = [round(sum(ratios) / len(ratios), 4), round((max(ratios) - min(ratios)) / 2, 4), len(common)]
+    return out
+
+
 PUBLISHED = ("1/8", "1/16", "1/32", "pf-1/8")  # the default optimizer at three compressions, and ProjFactor
 MARK_BEGIN, MARK_END = "<!-- quality table: tools/quality.py --publish -->", "<!-- end of quality table -->"
 
@@ -338,7 +357,8 @@ def publish(tables: dict[int, dict], commands: list[str]) -> list[str]:
             "reference": "AdamW, lr tuned over 5e-4, 1e-3, 2e-3 (the best mean per horizon)",
             "optimizer": f"memwrap.optimizer default ({VARIANTS['1/8'].kind}), τ {VARIANTS['1/8'].tau}, "
                          f"lr {VARIANTS['1/8'].lr:g}",
-            "seeds": seeds, "commands": commands, "heldout_loss_ratio": curve}
+            "seeds": seeds, "commands": commands, "heldout_loss_ratio": curve,
+            "weights_8bit": eight_bit(load_runs())}
     with open(QUALITY_FILE, "w") as f:
         json.dump(data, f, indent=1, ensure_ascii=False)
         f.write("\n")
@@ -394,6 +414,8 @@ def main() -> None:
         print("saved", os.path.relpath(path, ROOT))
     if args.publish:
         commands = ["python tools/quality.py --stage screen", "python tools/quality.py --stage final",
+                    "python tools/quality.py --variants 1/8,1/8-int8,1/8-fp8,1/8-int8-nearest,1/8-fp8-nearest "
+                    "--steps 600 --seeds 0,1,2",
                     "python tools/quality.py --report --publish"]
         for written in publish(tables, commands):
             print("wrote", os.path.relpath(written, ROOT))

@@ -366,7 +366,7 @@ EIGHT_BIT_AUTO = "int8"  # the 8-bit format weights="auto" picks (docs/quality.m
 def eight_bit_cost(fmt: str = EIGHT_BIT_AUTO) -> float:
     """The measured held-out loss cost of 8-bit weights over bf16 weights at equal compression (a fraction;
     memwrap/planning/quality.json, written from tools/compare.py runs: docs/quality.md)."""
-    mean, _spread = quality_curve()["weights_8bit"][fmt]
+    mean, _spread, _seeds = quality_curve()["weights_8bit"][fmt]
     return max(0.0, mean - 1)
 
 
