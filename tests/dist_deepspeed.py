@@ -124,9 +124,9 @@ def run(kind: str, case: dict, rank: int) -> dict:
     return out
 
 
-def compressed_engine(case: dict, optimizer=None):
+def compressed_engine(case: dict, optimizer=None, weights="keep"):
     model = tiny_llama(seed=0)
-    memwrap.wrap(model, rank=4, granularity=4, refresh_every=2)
+    memwrap.wrap(model, rank=4, granularity=4, refresh_every=2, weights=weights)
     params = [p for p in model.parameters() if p.requires_grad]
     return deepspeed.initialize(model=model, model_parameters=params, config=config(case), optimizer=optimizer)[0]
 
@@ -219,6 +219,7 @@ def refusals(rank: int) -> dict:
         config=dict(config({"stage": 2}), zero_allow_untested_optimizer=True))[0])
     attempt("module-called", lambda: compressed_engine({"stage": 2}), call=lambda e, ids: e.module(input_ids=ids,
                                                                                                   labels=ids))
+    attempt("int8-weights", lambda: compressed_engine({"stage": 2}, weights="int8"))
     return out
 
 

@@ -118,6 +118,7 @@ def test_what_cannot_be_exact_is_refused_before_any_step(ds_result):
         assert "FP16_UnfusedOptimizer" in got["bf16-no-zero"] and "ZeRO stages 1, 2 and 3" in got["bf16-no-zero"]
         assert "torch optimizer" in got["memwrap-optimizer"]
         assert "memwrap.deepspeed_attach(engine)" in got["module-called"]
+        assert "8 bits" in got["int8-weights"] and "weights='keep'" in got["int8-weights"]
 
 
 @pytest.mark.slow

@@ -152,12 +152,12 @@ def tolerance(exact, scale, fmt, draws):
     return (5 * (var / draws).sqrt() + 5 * (grid[i] - grid[i - 1]) / draws) * s
 
 
-@pytest.mark.parametrize("name", FORMATS)
-def test_merge_is_unbiased_per_weight_and_grouped_in_many_waves(name, monkeypatch):
+@pytest.mark.parametrize("name,family", [("int8", "qwen3_moe"), ("fp8", "qwen3_moe"), ("int8", "gpt2")])
+def test_merge_is_unbiased_per_weight_and_grouped_in_many_waves(name, family, monkeypatch):
     """W_new = Q(deq(W)·decay + lift(delta)): over 300 draws of the rounding (the step number seeds it), the mean of
     deq(W_new) is the exact update within the binomial tolerance of each element (`tolerance`), for the per-weight
     merge (row blocks) and for the grouped merge cut into many waves (row pieces of several weights)."""
-    model = wrapped("qwen3_moe", name)
+    model = wrapped(family, name)  # fused experts, and GPT-2's transposed Conv1D
     units = [u for u in merge.units_of(model) if not u.is_head]
     torch.manual_seed(0)
     deltas = [torch.randn_like(u.coords, dtype=torch.float32) * 0.3 for u in units]
@@ -268,6 +268,10 @@ def test_save_and_load_resume_bit_exactly(tmp_path):
     assert a.keys() == b.keys() and any(k.endswith("weight_scale") for k in a)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+    kept = tiny("llama").to(torch.bfloat16)  # wrapped with the weights kept: an 8-bit checkpoint is refused, not cast
+    memwrap.wrap(kept, rank=4, granularity=2)
+    with pytest.raises(memwrap.CheckpointMismatchError, match="other settings"):
+        memwrap.load(kept, tmp_path / "ck")
 
 
 def test_bad_weights_settings_are_refused_before_anything_changes(tmp_path):

@@ -306,6 +306,9 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
     recover(directory)
     verify(directory)  # every file, before anything is read into the model
     plan = _read_plan(directory)
+    if is_wrapped(model) and _settings(get_plan(model)) != _settings(plan):
+        raise CheckpointMismatchError(f"{type(model).__name__} is already wrapped with other settings than the checkpoint's plan "
+                                      f"in {directory!r}; call memwrap.unwrap(model) first, or load into an unwrapped model.")
     state = _read_weights(directory)
     own = model.state_dict()
     if plan.weights != "keep" and not is_wrapped(model):  # 8-bit W: the values and scales load into the wrapped layers
@@ -324,9 +327,6 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
         except PlanMismatchError as e:
             raise CheckpointMismatchError(f"the plan of checkpoint {directory!r} does not fit {type(model).__name__}: "
                                           f"{e}") from e
-    elif _settings(get_plan(model)) != _settings(plan):
-        raise CheckpointMismatchError(f"{type(model).__name__} is already wrapped with other settings than the checkpoint's plan "
-                                f"in {directory!r}; call memwrap.unwrap(model) first, or load into an unwrapped model.")
     if plan.weights != "keep" and not is_wrapped(model):
         wrap(model, plan=plan, **wrap_kwargs)  # first: the saved 8-bit values and scales replace what it quantized
     model.load_state_dict(state, strict=False)
@@ -388,9 +388,10 @@ def read_state(model: nn.Module, directory: str | os.PathLike) -> bool:
 
 
 def _settings(plan) -> tuple:
-    """What decides the projections and the update: per-layer (name, c, r, group), seed, kind, refresh period."""
+    """What decides the projections and the update: per-layer (name, c, r, group), seed, kind, refresh period, and how
+    the weights are stored (their dtype, int8, fp8)."""
     return (tuple((lp.name, lp.c, lp.r, lp.group) for lp in plan.layers), plan.seed, plan.projection, plan.refresh_every,
-            plan.share_inputs)
+            plan.share_inputs, plan.weights)
 
 
 def _is_tied_duplicate(model: nn.Module, key: str, state: dict) -> bool:
