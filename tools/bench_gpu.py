@@ -2,6 +2,7 @@
 
     python tools/bench_gpu.py                       # all three runs below
     python tools/bench_gpu.py --runs llama-2-7b@24  # one run: MODEL@BUDGET_GB, or MODEL@plain (AdamW + checkpointing)
+    python tools/bench_gpu.py --runs llama-2-7b@12:int8 --batch-size 1   # 8-bit weights: MODEL@BUDGET_GB:WEIGHTS
     python tools/bench_gpu.py --speed               # plain vs memwrap step time, side by side, on the speed shapes
 
 Each run builds the model from its bundled config (random weights, bf16, sdpa) on the GPU and trains `--steps` steps
@@ -53,6 +54,7 @@ def build(name: str):
 
 def run(spec: str, batch: int, seq: int, steps: int) -> None:
     name, _, budget = spec.partition("@")
+    budget, _, weights = budget.partition(":")
     plain = budget == "plain"
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -65,9 +67,10 @@ def run(spec: str, batch: int, seq: int, steps: int) -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         print(f"== {name}: plain AdamW (fused) + HF gradient checkpointing, batch {batch} × {seq}, uncapped")
     else:
-        plan = memwrap.wrap(model, budget_gb=float(budget), batch_size=batch, seq_len=seq)
+        plan = memwrap.wrap(model, budget_gb=float(budget), batch_size=batch, seq_len=seq, weights=weights or "keep")
+        torch.cuda.empty_cache()  # (the bf16 weights an 8-bit plan replaced go back before the cap)
         print(f"== {name} at {budget} GB (cap {float(budget) * 1e9 / total:.3f} of {total / 1e9:.1f} GB), "
-              f"batch {batch} × {seq}")
+              f"batch {batch} × {seq}, weights {plan.weights}")
         print("\n".join("   " + n for n in plan.notes))
         print("   plan parts (GB): " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in plan.memory))
         sim = memwrap.simulate(name, plan, steps=min(steps, 3))
