@@ -42,6 +42,13 @@ def test_quantize_round_trip_is_within_half_a_grid_step():
         else:  # e4m3: 3 mantissa bits, half an ulp relative (subnormals: half the smallest step)
             rel = err / (w.abs().unflatten(-1, (2, 128)) + 2 ** -9 * s.unsqueeze(-1))
             assert rel.max() <= 2 ** -4 + 1e-6
+    # a block of rows at a time (the loader's and wrap's bounded transient) gives the same bytes as all at once,
+    # for fused experts in both orientations
+    e = torch.randn(3, 40, 256)
+    for transposed in (False, True):
+        whole = quant.quantize(e, quant.FORMATS["int8"], transposed, 1 << 30)
+        rows = quant.quantize(e, quant.FORMATS["int8"], transposed, 256 * 12 * 7)  # 7 rows per block
+        assert all(torch.equal(a, b) for a, b in zip(whole, rows))
     # transposed storage (GPT-2's Conv1D, fused experts stored (E, m, n)): blocks along the logical input dimension
     q, s = quant.quantize(w.T.contiguous(), quant.FORMATS["int8"], True, 1 << 20)
     assert q.shape == (256, 64) and s.shape == (64, 2)

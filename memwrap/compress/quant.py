@@ -149,6 +149,9 @@ def quantize(w: torch.Tensor, fmt: Format, transposed: bool, chunk_bytes: int) -
     """(q in storage orientation, scales in logical orientation) of a float weight, a block of rows at a time (the
     transient stays within about `chunk_bytes`)."""
     lead, (n, m) = w.shape[:-2], logical(w, transposed).shape[-2:]
+    if w.device.type == "meta" or w.numel() * 12 <= chunk_bytes:  # at once (meta: memwrap.simulate, no bytes)
+        q, scale = quantize_rows(logical(w, transposed), fmt)
+        return logical(q, transposed).contiguous(), scale.contiguous()
     q = torch.empty(w.shape, dtype=fmt.dtype, device=w.device)
     scale = torch.empty(*lead, n, m // block_size(m), dtype=torch.float32, device=w.device)
     rows = max(1, min(n, chunk_bytes // max(1, m * 12)))
