@@ -10,7 +10,7 @@ torch.set_num_threads(int(os.environ.get("MEMWRAP_TEST_THREADS", "1")))
 # optimizer hooks, FSDP2, the Trainer, checkpoints, the meta-tensor simulation). The whole suite runs on the newest releases.
 FLOOR_MODULES = {"test_moe", "test_compile", "test_blocks", "test_layers", "test_wrap", "test_adapters", "test_trainer",
                  "test_layout", "test_estimate", "test_update_path", "test_checkpoint", "test_reliability",
-                 "test_training", "test_fsdp", "test_cli", "test_versions", "test_simulate", "test_grouped"}
+                 "test_training", "test_fsdp", "test_cli", "test_versions", "test_simulate", "test_grouped", "test_quant"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -116,6 +117,13 @@ def from_pretrained(name_or_dir, *, weights: str = "int8", budget_gb: float | No
                             device="cuda" if device.type == "cuda" else "cpu", weights=weights, **wrap_kwargs)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
+    if device.type == "cuda" and plan.memory:
+        from ..planning import card
+
+        if card.enable_expandable_segments():  # the headroom the plan reserved assumes them (as wrap does)
+            plan = replace(plan, notes=plan.notes + (
+                "memwrap turned on the CUDA allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF was unset; set it "
+                "to keep your own allocator settings)",))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     inject.check_plan_against_model(model, plan)
