@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import WEIGHT_OPTIONS, check_weights  # noqa: F401 (re-exported: the options live with the settings)
-
 BLOCK = 128  # inputs per scale (a divisor of m: 128, 64 or 32, else the whole row)
 GROWTH = 1.125  # a block whose absmax outgrows its scale gets absmax / qmax times this
 SCALE_BYTES = 4
@@ -58,13 +56,6 @@ def block_size(m: int) -> int:
         if m % b == 0:
             return b
     return m
-
-
-def format_of(weight: torch.Tensor) -> Format | None:
-    for fmt in FORMATS.values():
-        if weight.dtype == fmt.dtype:
-            return fmt
-    return None
 
 
 def scale_numel(numel: int, in_features: int) -> int:
