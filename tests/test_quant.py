@@ -445,3 +445,16 @@ def test_cli_plan_weights_option_and_json(tmp_path):
     assert memwrap.Plan.load(tmp_path / "p.json").weights == "int8"
     bad = CliRunner().invoke(main, ["plan", "llama-2-7b", "--weights", "int4"])
     assert bad.exit_code == 2 and "int4" in bad.output
+
+
+def test_a_weight_and_scales_sharded_differently_are_refused_not_merged():
+    """FSDP2 shards GPT-2's transposed Conv1D weight by input columns and its scales by output rows: the merge refuses
+    (naming the layer) instead of pairing the wrong scales with the wrong elements. Half the scale rows stand for a
+    rank's shard here."""
+    model = wrapped("gpt2", "int8")
+    unit = next(u for u in merge.units_of(model) if u.transposed)
+    unit.scale.data = unit.scale.data[: unit.scale.shape[0] // 2].clone()
+    before = unit.weight.detach().clone()
+    with pytest.raises(memwrap.UnsupportedArchitectureError, match=unit.layer_name):
+        unit.merge(torch.ones_like(unit.coords, dtype=torch.float32), 1.0, 1)
+    assert torch.equal(unit.weight, before)

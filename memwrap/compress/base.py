@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from ..errors import UnmergedUpdateError
+from ..errors import UnmergedUpdateError, UnsupportedArchitectureError
 from . import quant
 from .projection import draw_projection, projection_seed, subspace_transfer
 
@@ -379,6 +379,11 @@ class CompressedWeight:
         """W ← Q(deq(W)·decay + delta) a block of rows at a time (delta_of(expert index, rows) -> float32 logical
         rows), stochastically rounded onto the 8-bit grid (memwrap.compress.quant.requantize)."""
         q, scale = local(self.weight), local(self.scale)
+        if quant.logical(q, self.transposed).shape[:-1] != scale.shape[:-1]:
+            raise UnsupportedArchitectureError(
+                f"wrapped layer {self.layer_name!r}: its 8-bit weight and its scales are sharded differently (FSDP2 "
+                "shards a transposed weight, GPT-2's Conv1D, by input columns, its scales by output rows), so its "
+                "update cannot be merged. Wrap with weights='keep' for FSDP2, or train the 8-bit model with DDP.")
         step_rows = merge_rows(n, self.in_features)
         with torch.no_grad():
             for idx in itertools.product(*(range(d) for d in lead)):
