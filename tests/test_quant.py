@@ -305,7 +305,8 @@ def test_bad_weights_settings_are_refused_before_anything_changes(tmp_path):
 
 
 # ---- memwrap.from_pretrained: loading straight into 8 bits -----------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: Conv1D (transposed) and a tied head
+# gpt2: Conv1D (transposed) and a tied head; the MoE families: per-expert checkpoint keys into fused tensors
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
 def test_from_pretrained_equals_transformers_load_then_wrap(family, tmp_path):
     from transformers import AutoModelForCausalLM
 

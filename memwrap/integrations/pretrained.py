@@ -10,21 +10,24 @@ and one quantization chunk.
 
 The files are read with plain file reads into each tensor's own buffer (the safetensors format: an 8-byte header size,
 a JSON header of dtypes, shapes and byte ranges, the raw bytes), not through a memory map, so nothing of a file stays
-resident beyond the tensor being loaded. Keys must match the model's state dict (what transformers' save_pretrained
-writes: checkpoints that transformers renames or fuses while loading, e.g. per-expert MoE weights, are refused with
-what to do instead).
+resident beyond the tensor being loaded. Keys must match the model's state dict, or be the per-expert MoE keys that
+transformers 5 stacks into fused expert tensors while loading (and writes back out in save_pretrained) for the families
+in PER_EXPERT_FAMILIES: each expert's part fills its rows of the fused tensor (quantized as it arrives). Any other
+layout transformers converts is refused with what to do instead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from ..compress import experts, quant
 from ..errors import CheckpointMismatchError, CheckpointNotFoundError, InvalidSettingsError
 
 SAFETENSORS_DTYPES = {
@@ -139,55 +142,112 @@ def from_pretrained(name_or_dir, *, weights: str = "int8", budget_gb: float | No
     return model
 
 
+# Per-expert checkpoint keys (what transformers 5 save_pretrained writes for these families, and the hub layout):
+# <...>.experts.<e>.<part>.weight, stacked by transformers into the fused [E, n, m] tensors while it loads. memwrap fills
+# each expert's rows of the fused tensor as they arrive (gate rows first, then up, as transformers concatenates them).
+# Only the families whose conversion is exactly that (and tested) are read this way; others are refused.
+PER_EXPERT_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+EXPERT_PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)  # Mixtral's checkpoint names for the MoE block
+PER_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$")
+
+
+@dataclass
+class _Slot:
+    """Where one tensor of the checkpoint goes: a whole parameter, or rows of one expert of a fused expert tensor."""
+
+    name: str  # the parameter's (or buffer's) name in the model
+    target: torch.Tensor
+    expert: int | None = None
+    row0: int = 0  # first logical row of the part within the expert's weight
+
+    def view(self, t: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """The slot's part of `t` (a tensor shaped like the target), logical orientation for an expert's rows."""
+        if self.expert is None:
+            return t
+        return quant.logical(t[self.expert], transposed)
+
+
+def _slot(key: str, model: nn.Module, targets: dict, modules: dict, prefix: str, shape: tuple) -> _Slot | None:
+    for name in (key, f"{prefix}.{key}"):
+        if name in targets:
+            return _Slot(name, targets[name])
+    if getattr(model.config, "model_type", "") not in PER_EXPERT_FAMILIES:
+        return None
+    for old, new in KEY_RENAMES:
+        key = key.replace(old, new)
+    for name in (key, f"{prefix}.{key}"):
+        if name in targets:
+            return _Slot(name, targets[name])
+    m = PER_EXPERT_KEY.match(key)
+    if m is None:
+        return None
+    path, expert, part = m.group(1), int(m.group(2)), EXPERT_PARTS.get(m.group(3))
+    module = modules.get(path) or modules.get(f"{prefix}.{path}")
+    if module is None or part is None or not experts.is_fused_experts(module):
+        return None
+    pname = "down_proj" if part == "down" else ("gate_up_proj" if module.has_gate else "up_proj")
+    full = next(n for n, mod in modules.items() if mod is module) + "." + pname
+    row0 = shape[0] if part == "up" and module.has_gate else 0
+    return _Slot(full, targets[full], expert, row0)
+
+
 def _fill(model: nn.Module, files: list[str], device: torch.device) -> None:
-    """Every parameter and persistent buffer from the files (8-bit weights quantized as they arrive);
-    non-persistent buffers (rotary frequencies) initialized by the model's own `_init_weights`."""
-    from ..compress import quant
+    """Every parameter and persistent buffer from the files (8-bit weights quantized as they arrive, per-expert
+    checkpoints into their fused tensors); non-persistent buffers (rotary frequencies) initialized by the model's own
+    `_init_weights`."""
     from ..compress.merge import units_of
 
-    units = {}
-    for unit in units_of(model):
-        units[id(unit.weight)] = unit
+    units = {id(unit.weight): unit for unit in units_of(model)}
     targets = dict(model.named_parameters(remove_duplicate=False))
     targets.update(dict(model.named_buffers()))
+    names = {id(t): n for n, t in targets.items()}
+    modules = dict(model.named_modules())
     prefix = getattr(model, "base_model_prefix", "")
-    loaded: set[str] = set()
+    filled: dict[str, int] = {}  # elements written per target
     with torch.no_grad():
         for path in files:
             header, start = read_header(path)
             with open(path, "rb") as f:
                 for key, entry in header.items():
-                    name = key if key in targets else f"{prefix}.{key}" if f"{prefix}.{key}" in targets else None
-                    if name is None:
+                    slot = _slot(key, model, targets, modules, prefix, tuple(entry["shape"]))
+                    if slot is None:
                         raise CheckpointMismatchError(
                             f"{os.path.basename(path)} holds {key!r}, which {type(model).__name__} does not have under "
-                            "that name: the checkpoint is stored in a layout transformers converts while loading (e.g. "
-                            "per-expert MoE weights). Load it once with transformers and save_pretrained it, then "
-                            "load that directory; or load the model with transformers and wrap(model, weights=...).")
+                            "that name: the checkpoint is stored in a layout transformers converts while loading, which "
+                            "memwrap.from_pretrained reads only for per-expert MoE weights of "
+                            f"{', '.join(PER_EXPERT_FAMILIES)}. Load the model with transformers and wrap(model, "
+                            "weights=...) instead (its peak is then the model in its dtype).")
+                    unit = units.get(id(slot.target))
+                    transposed = unit.transposed if unit is not None else bool(
+                        getattr(modules.get(slot.name.rpartition(".")[0]), "is_transposed", False))
+                    target = slot.view(slot.target, transposed)
+                    rows = slice(slot.row0, slot.row0 + entry["shape"][0]) if slot.expert is not None else slice(None)
+                    expected = tuple(target[rows].shape)
+                    if tuple(entry["shape"]) != expected:
+                        raise CheckpointMismatchError(f"{key!r} has shape {tuple(entry['shape'])} in {path!r}, the "
+                                                      f"model expects {expected}: a checkpoint of another config.")
                     t = read_tensor(f, entry, start).to(device)
-                    target = targets[name]
-                    if tuple(t.shape) != tuple(target.shape):
-                        raise CheckpointMismatchError(f"{key!r} has shape {tuple(t.shape)} in {path!r}, the model "
-                                                      f"expects {tuple(target.shape)}: a checkpoint of another config.")
-                    unit = units.get(id(target))
                     if unit is not None and unit.quant is not None:
-                        q, s = quant.quantize(t, unit.quant, unit.transposed, LOAD_CHUNK_BYTES)
-                        target.copy_(q)
-                        unit.scale.copy_(s)
-                        loaded.add(name)
-                        loaded.add(next(n for n, p in targets.items() if p is unit.scale))
+                        q, sc = quant.quantize(t, unit.quant, unit.transposed if slot.expert is None else False,
+                                               LOAD_CHUNK_BYTES)
+                        target[rows].copy_(q)
+                        slot.view(unit.scale, False)[rows].copy_(sc)
+                        scale_name = names[id(unit.scale)]
+                        filled[scale_name] = filled.get(scale_name, 0) + sc.numel()
                     else:
-                        target.copy_(t)
-                        loaded.add(name)
+                        target[rows].copy_(t)
+                    filled[slot.name] = filled.get(slot.name, 0) + t.numel()
                     del t
         for unit in units_of(model):  # coords: released zeros (an optimizer that writes them gets storage back)
-            loaded.add(next(n for n, p in targets.items() if p is unit.coords))
+            filled[names[id(unit.coords)]] = unit.coords.numel()
             unit.sync_live()
+    loaded = {n for n, count in filled.items() if count == targets[n].numel()}
     persistent = set(model.state_dict())
     missing = [n for n in targets if n not in loaded and n in persistent and not _tied(model, n, loaded)]
     if missing:
-        raise CheckpointMismatchError(f"the checkpoint has no values for {len(missing)} of the model's tensors (e.g. "
-                                      f"{missing[:3]}): a checkpoint of another model or config.")
+        raise CheckpointMismatchError(f"the checkpoint has no values (or not all of them) for {len(missing)} of the "
+                                      f"model's tensors (e.g. {missing[:3]}): a checkpoint of another model or config.")
     for module in model.modules():  # non-persistent buffers (rotary inv_freq): what the model's own init computes
         if any(True for _ in module.buffers(recurse=False)) and not any(True for _ in module.parameters(recurse=False)):
             model._init_weights(module)
