@@ -121,6 +121,7 @@ def wrap(
                         loss_chunk=loss_chunk, head=head, nonfinite=nonfinite, weights=weights)
     config.validate()
     planner.refuse_8bit_under_zero(weights, zero_setting)
+    _warn_int8_under_old_fsdp2(weights)
     if plan is not None:
         if rank is not None or granularity is not None or budget_gb is not None or config.savings_changed() \
                 or head != "auto" or zero_setting is not None or weights != "keep":
@@ -141,6 +142,23 @@ def wrap(
                     "memwrap turned on the CUDA allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF was unset; "
                     "set it to keep your own allocator settings)",))
     return apply(model, the_plan, config)
+
+
+def _warn_int8_under_old_fsdp2(weights: str) -> None:
+    """int8 weights in a multi-process run on a torch whose FSDP2 cannot shard integer parameters: say so now, not
+    through FSDP2's "only Tensors of floating point dtype can require gradients" later (DDP is not affected)."""
+    import torch.distributed as dist
+
+    from .compress import quant
+
+    if weights == "int8" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
+            and not quant.fsdp2_shards_integer_params():
+        import warnings
+
+        warnings.warn(f"memwrap: torch {torch.__version__}'s FSDP2 (fully_shard) cannot shard int8 parameters "
+                      "(pytorch#177844: it fails with 'only Tensors of floating point dtype can require gradients'); to "
+                      "shard this model with FSDP2 use a newer torch (2.14 is tested). DDP trains int8 weights with "
+                      "any supported torch.", RuntimeWarning, stacklevel=3)
 
 
 def apply(model: nn.Module, the_plan: Plan, config: WrapConfig) -> Plan:

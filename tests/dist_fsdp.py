@@ -2,7 +2,7 @@
 
 usage: torchrun --nproc_per_node 2 dist_fsdp.py OUT_DIR STEPS SPLIT CONFIG [CONFIG ...]
        CONFIG: MODEL:OPT[:bf16], MODEL dense | moe, OPT adamw (torch) | projfactor | projfactor-ef | subspace (memwrap.optimizer),
-       bf16: FSDP2 mixed precision (bf16 parameters in compute, fp32 gradient reduction); int8: wrap(weights="int8")
+       bf16: FSDP2 mixed precision (bf16 parameters in compute, fp32 gradient reduction); int8 / fp8: wrap(weights=...)
 For each config: train STEPS steps on the global batch split over ranks, saving a DCP checkpoint after SPLIT steps;
 then build a fresh sharded model and optimizer, load the checkpoint and train the remaining steps. Rank 0 writes
 OUT_DIR/CONFIG.json (losses of both runs, local shard shapes) and OUT_DIR/CONFIG.pt (full weights at the end).
@@ -116,7 +116,7 @@ def run_config(out_dir, steps, split, config, mesh, rank, world):
 
     model_kind, opt_kind, *extra = config.split(":")
     bf16 = "bf16" in extra
-    weights = "int8" if "int8" in extra else "keep"
+    weights = next((w for w in ("int8", "fp8") if w in extra), "keep")
     ckpt = os.path.join(out_dir, config.replace(":", "-") + "-dcp")
     model = shard(build(model_kind, opt_kind, weights), mesh, bf16)
     opt = make_optimizer(model, opt_kind)

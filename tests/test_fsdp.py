@@ -9,12 +9,25 @@ import torch
 from dist_fsdp import build, run_single
 from test_ddp import torchrun
 
+from memwrap.compress import quant
+
 WORKER = os.path.join(os.path.dirname(__file__), "dist_fsdp.py")
 # the module's fixture launches one multi-process run: its tests stay on one pytest-xdist worker
 pytestmark = pytest.mark.xdist_group("fsdp")
 STEPS, SPLIT = 7, 4  # P refreshed every 3 steps; the checkpoint after step 4 sits between refreshes
+# int8 weights where this torch's FSDP2 can shard integer parameters (torch 2.11's fully_shard cannot: pytorch#177844;
+# memwrap.wrap warns about it in a multi-process run)
+INT8 = quant.fsdp2_shards_integer_params()
 CONFIGS = ("dense:adamw", "moe:adamw", "dense:projfactor", "moe:projfactor", "dense:subspace", "dense:projfactor-ef",
-           "dense:projfactor:bf16", "dense:projfactor:int8", "moe:adamw:int8")
+           "dense:projfactor:bf16") + (("dense:projfactor:int8", "moe:adamw:int8") if INT8 else ())
+
+
+def test_int8_weights_under_fsdp2_need_a_torch_that_shards_integer_parameters():
+    """Where this torch's FSDP2 cannot shard int8 parameters, the int8 configs are not launched (and say why here)."""
+    if not INT8:
+        pytest.skip(f"torch {torch.__version__}: FSDP2's fully_shard makes every sharded parameter require grad, which "
+                    "int8 tensors cannot (pytorch#177844); int8 weights under FSDP2 are tested on newer torch")
+    assert "dense:projfactor:int8" in CONFIGS
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +48,7 @@ def result(out, config):
 def test_fsdp2_trains_like_one_process_and_merges_shard_locally(fsdp_dir, config):
     info, weights = result(fsdp_dir, config)
     model_kind, opt_kind, *extra = config.split(":")
-    weights_kind = "int8" if "int8" in extra else "keep"
+    weights_kind = next((w for w in ("int8", "fp8") if w in extra), "keep")
     single_losses, single_state = run_single(model_kind, opt_kind, STEPS, weights_kind)
     diff = max(abs(a - b) for a, b in zip(info["losses"], single_losses))
     print(f"{config}: FSDP2 vs single-process (fp32) max |loss difference| {diff:.3g}")
@@ -55,13 +68,14 @@ def test_fsdp2_trains_like_one_process_and_merges_shard_locally(fsdp_dir, config
                   if (v - init[k]).norm() > 0)
         print(f"{config}: max |W_fsdp - W_single| / |W_single - W_init| {rel:.3g}")
         for k, v in single_dense.items():
-            # int8: two runs round on independent streams; each rounding adds at most s²/4 of variance per element, so
-            # after STEPS steps the two differ by about sqrt(2 · STEPS · Σ s²/4): 3 of those, beside 10% of the update
-            # (the other parameters see gradients through those weights: 25% of their update, for int8 only)
+            # 8-bit: two runs round on independent streams; each rounding adds at most gap²/4 of variance per element
+            # (gap: the grid step around it), so after STEPS steps the two differ by about sqrt(2 · STEPS · Σ gap²/4):
+            # 3 of those, beside 10% of the update (the other parameters see gradients through those weights: 25% of
+            # their update, for 8-bit weights only)
             scale = single_state.get(k + "_scale", single_state.get(k + "_memwrap_scale"))
-            noise = 0.0 if scale is None else 3 * (2 * STEPS * (scale.float() ** 2).sum().item()
-                                                   * (v.numel() // scale.numel()) / 4) ** 0.5
-            share = 0.25 if weights_kind == "int8" and scale is None else 0.1
+            noise = 0.0 if scale is None else 3 * (2 * STEPS * (grid_gap(single_state[k], scale) ** 2).sum().item()
+                                                   / 4) ** 0.5
+            share = 0.25 if weights_kind != "keep" and scale is None else 0.1
             assert (full[k] - v).norm() <= share * (v - init[k]).norm() + noise, k
     else:
         # MoE: each expert's G_s sums its routed tokens over two ranks (another summation order), and Adam turns
@@ -73,6 +87,16 @@ def test_fsdp2_trains_like_one_process_and_merges_shard_locally(fsdp_dir, config
     # means per layer; no other communication in the optimizer step and merge
     expected = 1 + (0 if opt_kind in ("adamw", "subspace") else 2 * info["compressed_layers"])
     assert set(info["step_collectives"]) == {expected}
+
+
+def grid_gap(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The 8-bit grid's step around each element of q (logical (…, n, m)): the scale for int8; for fp8 e4m3 the
+    scale times the element's ulp (2^(exponent − 3), subnormals 2^-9)."""
+    s = scale.float().repeat_interleave(q.shape[-1] // scale.shape[-1], -1)
+    if q.dtype == torch.int8:
+        return s
+    mag = q.float().abs().clamp_min(2 ** -6)
+    return s * torch.exp2(torch.floor(torch.log2(mag)) - 3)
 
 
 def dense(state: dict) -> dict:

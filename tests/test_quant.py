@@ -459,3 +459,20 @@ def test_a_weight_and_scales_sharded_differently_are_refused_not_merged():
     with pytest.raises(memwrap.UnsupportedArchitectureError, match=unit.layer_name):
         unit.merge(torch.ones_like(unit.coords, dtype=torch.float32), 1.0, 1)
     assert torch.equal(unit.weight, before)
+
+
+def test_int8_in_a_multiprocess_run_warns_where_fsdp2_cannot_shard_it(monkeypatch):
+    """torch 2.11's FSDP2 cannot shard int8 parameters (pytorch#177844): wrap says so in a multi-process run, before
+    fully_shard fails with its own message; where FSDP2 can (or with one process, or fp8), nothing is said."""
+    import warnings
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(quant, "fsdp2_shards_integer_params", lambda: False)
+    with pytest.warns(RuntimeWarning, match="pytorch#177844"):
+        memwrap.wrap(tiny("llama"), rank=4, granularity=2, weights="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        memwrap.wrap(tiny("llama"), rank=4, granularity=2, weights="fp8")
+        monkeypatch.setattr(quant, "fsdp2_shards_integer_params", lambda: True)
+        memwrap.wrap(tiny("llama"), rank=4, granularity=2, weights="int8")

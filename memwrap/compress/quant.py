@@ -153,3 +153,17 @@ def quantize(w: torch.Tensor, fmt: Format, transposed: bool, chunk_bytes: int) -
             ql[r0:r0 + rows].copy_(qs)
             sl[r0:r0 + rows].copy_(ss)
     return q, scale
+
+
+def fsdp2_shards_integer_params() -> bool:
+    """Whether this torch's FSDP2 can shard a frozen integer parameter: fully_shard in torch 2.11 made every sharded
+    parameter require grad first, which an int8 tensor cannot (pytorch#177844; fp8 is a floating dtype and works).
+    Read from FSDP2's own source; True when that cannot be read."""
+    import inspect
+
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+        return "requires_grad=param.requires_grad" in inspect.getsource(FSDPParam._init_sharded_param)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return True
