@@ -339,6 +339,9 @@ def test_from_pretrained_refuses_a_checkpoint_of_another_layout(tmp_path):
         memwrap.from_pretrained(tmp_path, weights="int4")
     with pytest.raises(InvalidSettingsError, match="not a local directory"):
         memwrap.from_pretrained(tmp_path / "missing", weights="int8")
+    plan = memwrap.plan("llama-2-7b", budget_gb=40, verify=False)
+    with pytest.raises(InvalidSettingsError, match="either plan= or weights="):
+        memwrap.from_pretrained(tmp_path, plan=plan, weights="int8")
 
 
 PEAK_SCRIPT = r"""

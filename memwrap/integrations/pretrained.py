@@ -87,12 +87,12 @@ def resolve_directory(name_or_dir: str | os.PathLike) -> str:
                                    "directory save_pretrained wrote.") from e
 
 
-def from_pretrained(name_or_dir, *, weights: str = "int8", budget_gb: float | None = None,
+def from_pretrained(name_or_dir, *, weights: str | None = None, budget_gb: float | None = None,
                     batch_size: int | None = None, seq_len: int | None = None, dtype=torch.bfloat16,
                     device=None, plan=None, **wrap_kwargs) -> nn.Module:
     """The causal LM in `name_or_dir` (a directory save_pretrained wrote, or a hub id), wrapped, with its compressed
-    weights loaded straight into 8 bits (weights="int8"/"fp8"; "auto": where the budget needs them; "keep": as
-    stored), without ever holding the model in its full dtype. dtype: of every other weight and of the activations.
+    weights loaded straight into 8 bits (weights="int8", the default, or "fp8"; "auto": where the budget needs them;
+    "keep": as stored), without ever holding the model in its full dtype. dtype: of every other weight and of the activations.
     device: where the model lives (default: cuda if available, else cpu). plan: a Plan (or its path) instead of
     planning from budget_gb/batch_size/seq_len (and the other wrap settings in wrap_kwargs, as memwrap.plan takes them).
     Returns the wrapped model; build the optimizer with memwrap.optimizer(model)."""
@@ -104,6 +104,10 @@ def from_pretrained(name_or_dir, *, weights: str = "int8", budget_gb: float | No
     from ..config import Plan, WrapConfig, check_weights
     from ..planning import planner
 
+    if plan is not None and weights is not None:
+        raise InvalidSettingsError("pass either plan= or weights=, not both: a plan fixes how the weights are stored "
+                                   "(its `weights` field).")
+    weights = "int8" if weights is None else weights
     check_weights(weights)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidSettingsError(f"dtype={dtype!r} must be a floating torch dtype (torch.bfloat16, torch.float32).")
