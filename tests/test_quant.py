@@ -479,3 +479,24 @@ def test_int8_in_a_multiprocess_run_warns_where_fsdp2_cannot_shard_it(monkeypatc
         memwrap.wrap(tiny("llama"), rank=4, granularity=2, weights="fp8")
         monkeypatch.setattr(quant, "fsdp2_shards_integer_params", lambda: True)
         memwrap.wrap(tiny("llama"), rank=4, granularity=2, weights="int8")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_8bit_optimizer_step_kernels_do_not_grow_with_depth(family):
+    """The GPU-speed proxy of the grouped step (tools/bench_ops.py) for int8 weights: memwrap.optimizer's step at 8
+    layers dispatches no more kernels than at 2 (every 8-bit weight of a shape merged in one wave), one host sync."""
+    from test_grouped import _deeper, llama
+
+    from memwrap.planning.opcount import count_step
+
+    counts = {}
+    for layers in (2, 8):
+        model = llama(layers) if family == "llama" else tiny(family) if layers == 2 else _deeper(family, layers)
+        model = model.to(torch.bfloat16)
+        memwrap.wrap(model, rank=4, granularity=4, weights="int8")
+        opt = memwrap.optimizer(model, lr=1e-3)
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        counts[layers] = count_step(model, opt, ids, ids)["optimizer"]
+    print(f"{family} int8: optimizer step kernels {counts[2].n_kernels} (2 layers), {counts[8].n_kernels} (8)")
+    assert counts[8].n_kernels <= 1.25 * counts[2].n_kernels
+    assert counts[8].n_syncs == 1
