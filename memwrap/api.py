@@ -134,14 +134,21 @@ def wrap(
                                           dtype_bytes=_activation_dtype_bytes(model, activation_dtype),
                                           zero=zero_setting)
         param = next(model.parameters(), None)
-        if the_plan.memory and param is not None and param.device.type == "cuda":
-            from .planning import card
-
-            if card.enable_expandable_segments():  # the headroom the plan reserved assumes them
-                the_plan = replace(the_plan, notes=the_plan.notes + (
-                    "memwrap turned on the CUDA allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF was unset; "
-                    "set it to keep your own allocator settings)",))
+        if param is not None and param.device.type == "cuda":
+            the_plan = with_expandable_segments(the_plan)
     return apply(model, the_plan, config)
+
+
+def with_expandable_segments(the_plan: Plan) -> Plan:
+    """A budget plan for a GPU: turn on the CUDA allocator's expandable segments (the headroom the plan reserved
+    assumes them) unless the user configured the allocator; the plan's notes say so."""
+    from .planning import card
+
+    if the_plan.memory and card.enable_expandable_segments():
+        return replace(the_plan, notes=the_plan.notes + (
+            "memwrap turned on the CUDA allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF was unset; "
+            "set it to keep your own allocator settings)",))
+    return the_plan
 
 
 def _warn_int8_under_old_fsdp2(weights: str) -> None:

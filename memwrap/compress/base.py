@@ -366,14 +366,20 @@ class CompressedWeight:
         if step_rows >= n * math.prod(lead):  # one block: the whole weight (every expert of a fused one)
             self.apply_delta(self.lifted(delta_coords), decay, step)
             return
-        for idx in itertools.product(*(range(d) for d in lead)):  # each expert of a fused weight, then its rows
+        for idx, rows in self._row_blocks(lead, n):
+            delta = self.lifted(c[idx + (rows,)])  # (rows, m)
+            target = w[idx + ((slice(None), rows) if self.transposed else (rows,))]
+            add_to_weight(target, delta.transpose(-1, -2) if self.transposed else delta, decay,
+                          stochastic=self.stochastic_rounding, seed=self.group.seed,
+                          name=f"{self.layer_name}#{idx}.{rows.start}", step=step)
+
+    def _row_blocks(self, lead: tuple, n: int):
+        """(expert index, rows) of each block the merge writes: every expert of a fused weight, then its rows, at most
+        `merge_rows` at a time (the transient stays bounded)."""
+        step_rows = merge_rows(n, self.in_features)
+        for idx in itertools.product(*(range(d) for d in lead)):
             for r0 in range(0, n, step_rows):
-                rows = slice(r0, min(n, r0 + step_rows))
-                delta = self.lifted(c[idx + (rows,)])  # (rows, m)
-                target = w[idx + ((slice(None), rows) if self.transposed else (rows,))]
-                add_to_weight(target, delta.transpose(-1, -2) if self.transposed else delta, decay,
-                              stochastic=self.stochastic_rounding, seed=self.group.seed,
-                              name=f"{self.layer_name}#{idx}.{r0}", step=step)
+                yield idx, slice(r0, min(n, r0 + step_rows))
 
     def _merge_8bit(self, delta_of, lead: tuple, n: int, decay: float, step: int) -> None:
         """W ← Q(deq(W)·decay + delta) a block of rows at a time (delta_of(expert index, rows) -> float32 logical
@@ -384,18 +390,15 @@ class CompressedWeight:
                 f"wrapped layer {self.layer_name!r}: its 8-bit weight and its scales are sharded differently (FSDP2 "
                 "shards a transposed weight, GPT-2's Conv1D, by input columns, its scales by output rows), so its "
                 "update cannot be merged. Wrap with weights='keep' for FSDP2, or train the 8-bit model with DDP.")
-        step_rows = merge_rows(n, self.in_features)
         with torch.no_grad():
-            for idx in itertools.product(*(range(d) for d in lead)):
-                ql, sl = quant.logical(q[idx], self.transposed), scale[idx]
-                for r0 in range(0, n, step_rows):
-                    rows = slice(r0, min(n, r0 + step_rows))
-                    exact = quant.dequantize(ql[rows], sl[rows], False)
-                    exact.mul_(decay).add_(delta_of(idx, rows))
-                    g = rounding_generator(q.device, self.group.seed, f"{self.layer_name}#{idx}.{r0}#round", step)
-                    qn, sn = quant.requantize(exact, sl[rows], self.quant, self.stochastic_rounding, g)
-                    ql[rows].copy_(qn)
-                    sl[rows].copy_(sn)
+            for idx, rows in self._row_blocks(lead, n):
+                ql, sl = quant.logical(q[idx], self.transposed)[rows], scale[idx][rows]
+                exact = quant.dequantize(ql, sl, False)
+                exact.mul_(decay).add_(delta_of(idx, rows))
+                g = rounding_generator(q.device, self.group.seed, f"{self.layer_name}#{idx}.{rows.start}#round", step)
+                qn, sn = quant.requantize(exact, sl, self.quant, self.stochastic_rounding, g)
+                ql.copy_(qn)
+                sl.copy_(sn)
 
     def index_at(self, steps: int) -> int:
         """Which P (refresh index) the coordinates live under after `steps` completed optimizer steps."""

@@ -183,7 +183,7 @@ class ExpertsUnit(CompressedWeight):
         return getattr(self.module, self.pname)
 
     def _scale_owner(self) -> tuple:
-        return self.module, f"{self.pname}_memwrap_scale"
+        return self.module, quant.expert_scale(self.pname)
 
 
 def memwrap_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

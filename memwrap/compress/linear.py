@@ -91,7 +91,7 @@ class CompressedLinear(CompressedWeight, nn.Module):
                                          self.scale)
 
     def _scale_owner(self) -> tuple:
-        return self, "weight_scale"
+        return self, quant.LINEAR_SCALE
 
     def _apply(self, fn, recurse=True):
         # a dtype cast of the model leaves the optimizer-facing coords (and an 8-bit W) as they are

@@ -27,6 +27,12 @@ import torch
 BLOCK = 128  # inputs per scale (a divisor of m: 128, 64 or 32, else the whole row)
 GROWTH = 1.125  # a block whose absmax outgrows its scale gets absmax / qmax times this
 SCALE_BYTES = 4
+LINEAR_SCALE = "weight_scale"  # a linear's scales: next to its `weight`
+
+
+def expert_scale(pname: str) -> str:
+    """The name of a fused expert weight's scales on its experts module."""
+    return f"{pname}_memwrap_scale"
 
 
 @dataclass(frozen=True)

@@ -313,7 +313,7 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
     own = model.state_dict()
     if plan.weights != "keep" and not is_wrapped(model):  # 8-bit W: the values and scales load into the wrapped layers
         own.update(_scale_keys(model, plan, own))
-    missing = [k for k in own if k not in state and not _is_tied_duplicate(model, k, state)]
+    missing = [k for k in own if k not in state and not is_tied_duplicate(model, k, state)]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
              if k in own and own[k] is not None and state[k].shape != own[k].shape]
@@ -338,6 +338,7 @@ def load(model: nn.Module, directory: str | os.PathLike, **wrap_kwargs):
 
 def _scale_keys(model: nn.Module, plan, own: dict) -> dict:
     """The state-dict keys of the scales an 8-bit plan adds to the unwrapped `model` (shapes checked after wrap)."""
+    from ..compress import quant
     from ..compress.loss import output_head
 
     modules = dict(model.named_modules())
@@ -346,9 +347,9 @@ def _scale_keys(model: nn.Module, plan, own: dict) -> dict:
     for lp in plan.layers:
         if lp.kind == "experts":
             mod_name, _, pname = lp.name.rpartition(".")
-            keys[f"{mod_name}.{pname}_memwrap_scale"] = None
+            keys[f"{mod_name}.{quant.expert_scale(pname)}"] = None
         elif modules.get(lp.name) is not head:
-            keys[f"{lp.name}.weight_scale"] = None
+            keys[f"{lp.name}.{quant.LINEAR_SCALE}"] = None
     return keys
 
 
@@ -394,8 +395,9 @@ def _settings(plan) -> tuple:
             plan.share_inputs, plan.weights)
 
 
-def _is_tied_duplicate(model: nn.Module, key: str, state: dict) -> bool:
-    """safetensors stores a tied tensor once; the other name is filled by the tie."""
+def is_tied_duplicate(model: nn.Module, key: str, state) -> bool:
+    """safetensors stores a tied tensor once; the other name is filled by the tie. `state`: the names that were
+    loaded (a state dict's keys, or a set of names)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     p = params.get(key)
     return p is not None and any(params.get(k) is p for k in state)

@@ -22,13 +22,14 @@ import json
 import os
 import re
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..compress import experts, quant
 from ..errors import CheckpointMismatchError, CheckpointNotFoundError, InvalidSettingsError
+from .checkpoint import is_tied_duplicate
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -98,7 +99,7 @@ def from_pretrained(name_or_dir, *, weights: str | None = None, budget_gb: float
     Returns the wrapped model; build the optimizer with memwrap.optimizer(model)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..api import apply
+    from ..api import apply, with_expandable_segments
     from ..compress import inject
     from ..compress.merge import units_of
     from ..config import Plan, WrapConfig, check_weights
@@ -124,13 +125,8 @@ def from_pretrained(name_or_dir, *, weights: str | None = None, budget_gb: float
                             device="cuda" if device.type == "cuda" else "cpu", weights=weights, **wrap_kwargs)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    if device.type == "cuda" and plan.memory:
-        from ..planning import card
-
-        if card.enable_expandable_segments():  # the headroom the plan reserved assumes them (as wrap does)
-            plan = replace(plan, notes=plan.notes + (
-                "memwrap turned on the CUDA allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF was unset; set it "
-                "to keep your own allocator settings)",))
+    if device.type == "cuda":
+        plan = with_expandable_segments(plan)  # as wrap does
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     inject.check_plan_against_model(model, plan)
@@ -248,17 +244,10 @@ def _fill(model: nn.Module, files: list[str], device: torch.device) -> None:
             unit.sync_live()
     loaded = {n for n, count in filled.items() if count == targets[n].numel()}
     persistent = set(model.state_dict())
-    missing = [n for n in targets if n not in loaded and n in persistent and not _tied(model, n, loaded)]
+    missing = [n for n in targets if n not in loaded and n in persistent and not is_tied_duplicate(model, n, loaded)]
     if missing:
         raise CheckpointMismatchError(f"the checkpoint has no values (or not all of them) for {len(missing)} of the "
                                       f"model's tensors (e.g. {missing[:3]}): a checkpoint of another model or config.")
     for module in model.modules():  # non-persistent buffers (rotary inv_freq): what the model's own init computes
         if any(True for _ in module.buffers(recurse=False)) and not any(True for _ in module.parameters(recurse=False)):
             model._init_weights(module)
-
-
-def _tied(model: nn.Module, name: str, loaded: set[str]) -> bool:
-    """`name` is a parameter tied to one that was loaded (the same tensor: the output head tied to the embeddings)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    p = params.get(name)
-    return p is not None and any(params.get(n) is p for n in loaded)
