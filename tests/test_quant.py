@@ -342,6 +342,13 @@ def test_from_pretrained_refuses_a_checkpoint_of_another_layout(tmp_path):
     plan = memwrap.plan("llama-2-7b", budget_gb=40, verify=False)
     with pytest.raises(InvalidSettingsError, match="either plan= or weights="):
         memwrap.from_pretrained(tmp_path, plan=plan, weights="int8")
+    for bad in ("bf16", torch.int8):
+        with pytest.raises(InvalidSettingsError, match="dtype="):
+            memwrap.from_pretrained(tmp_path, dtype=bad)
+    with pytest.raises(InvalidSettingsError, match="device="):
+        memwrap.from_pretrained(tmp_path, device="gpu0")
+    with pytest.raises(InvalidSettingsError, match="weights="):
+        memwrap.plan("llama-2-7b", budget_gb=12, weights="int4")
 
 
 PEAK_SCRIPT = r"""
@@ -383,6 +390,8 @@ def test_from_pretrained_peak_is_the_8bit_model_plus_one_tensor(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     grown, held = map(int, out.stdout.split()[-2:])
     one_tensor = largest * 2 + min(largest, __import__("memwrap").integrations.pretrained.LOAD_CHUNK_BYTES // 12) * 12
+    print(f"from_pretrained int8: resident peak grew {grown / 1e6:.1f} MB; the loaded model holds {held / 1e6:.1f} MB; "
+          f"one tensor + its chunk {one_tensor / 1e6:.1f} MB; the bf16 parameters {bf16_bytes / 1e6:.1f} MB")
     assert held < 0.56 * bf16_bytes  # int8 values and float32 scales of the linears, the rest in bf16
     assert grown <= held + one_tensor + (40 << 20), (grown, held, one_tensor)
     assert grown < 0.8 * bf16_bytes

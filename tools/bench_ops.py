@@ -4,6 +4,7 @@ launch overhead (memwrap.planning.opcount: every ATen op a step dispatches, view
 
     python tools/bench_ops.py                          # llama-shaped and qwen3-moe-shaped, 2 / 8 / 32 layers
     python tools/bench_ops.py --layers 2 8 --hidden 256 --dtype fp32
+    python tools/bench_ops.py --layers 2 8 --weights int8   # memwrap's weights stored in 8 bits (wrap(weights=...))
 
 Each row trains 3 steps on random tokens and counts the third (the steady state). Columns: forward / backward /
 optimizer kernel ops of plain training (torch AdamW, foreach) and of memwrap (`wrap(rank, granularity)` at 1/8, default
@@ -58,11 +59,12 @@ def waves(model) -> str:
     return f"{cpu}/{gpu}"
 
 
-def measure(family: str, layers: int, hidden: int, how: str, batch: int, seq: int, dtype) -> tuple[dict, str, int]:
+def measure(family: str, layers: int, hidden: int, how: str, batch: int, seq: int, dtype,
+            weights: str = "keep") -> tuple[dict, str, int]:
     model = build(family, layers, hidden, dtype)
     params = sum(p.numel() for p in model.parameters())
-    if how != "plain":
-        memwrap.wrap(model, rank=hidden // 4 // 8, granularity=4)  # 1/8: blocks of hidden/4, rank 1/8 of that
+    if how != "plain":  # 1/8: blocks of hidden/4, rank 1/8 of that
+        memwrap.wrap(model, rank=hidden // 4 // 8, granularity=4, weights=weights)
     if how == "memwrap.optimizer":
         opt = memwrap.optimizer(model, lr=1e-4)
     else:
@@ -79,18 +81,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--weights", choices=["keep", "int8", "fp8"], default="keep", help="memwrap's wrapped weights")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     hows = ("plain", "memwrap.optimizer", "memwrap + torch AdamW")
     print(f"kernel ops per step (forward / backward / optimizer) and host syncs per whole step; hidden {args.hidden}, "
-          f"{args.dtype}")
+          f"{args.dtype}, memwrap's weights {args.weights}")
     print(f"{'model':<12}{'layers':>7}  " + "".join(f"{h:>34}" for h in hows) + f"{'waves cpu/gpu':>15}"
           f"{'opt B/param':>23}")
     for family in args.families:
         for layers in args.layers:
             cells, traffic = [], []
             for how in hows:
-                c, wave_count, params = measure(family, layers, args.hidden, how, args.batch_size, args.seq_len, dtype)
+                c, wave_count, params = measure(family, layers, args.hidden, how, args.batch_size, args.seq_len, dtype,
+                                                 args.weights)
                 traffic.append(f"{c['optimizer'].bytes / params:.0f}")
                 syncs = sum(x.n_syncs for x in c.values())
                 cells.append(f"{c['forward'].n_kernels:>6} /{c['backward'].n_kernels:>6} /{c['optimizer'].n_kernels:>5}"

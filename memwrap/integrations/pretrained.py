@@ -112,7 +112,11 @@ def from_pretrained(name_or_dir, *, weights: str | None = None, budget_gb: float
     check_weights(weights)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidSettingsError(f"dtype={dtype!r} must be a floating torch dtype (torch.bfloat16, torch.float32).")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise InvalidSettingsError(f"device={device!r} is not a torch device ({e}); pass 'cuda', 'cuda:1' or 'cpu'.") \
+            from None
     directory = resolve_directory(name_or_dir)
     files = shard_files(directory)
     config = AutoConfig.from_pretrained(directory)
