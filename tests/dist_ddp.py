@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
+from dist_exit import finish  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 
 import memwrap  # noqa: E402
@@ -126,7 +127,7 @@ def main():
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
+from dist_exit import finish  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 
 import memwrap  # noqa: E402
@@ -162,7 +163,7 @@ def main():
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for config in configs:
         run_config(out_dir, steps, split, config, mesh, dist.get_rank(), dist.get_world_size())
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(__file__))
+from dist_exit import finish  # noqa: E402
 from test_moe import full_rank  # noqa: E402
 from tiny import tiny_llama  # noqa: E402
 
@@ -69,7 +70,7 @@ def main():
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

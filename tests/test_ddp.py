@@ -6,9 +6,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from dist_ddp import build, run_single
+from dist_exit import DONE_DIR
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_ddp.py")
 # the module's fixture launches one multi-process run: its tests stay on one pytest-xdist worker
@@ -22,18 +24,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script, *args, timeout=240):
-    """Two gloo ranks on loopback. A launch in which a rank died by a native abort (gloo's transport, SIGABRT, seen
-    once on a loaded machine) is retried once; any Python error or failed check fails at once."""
+def torchrun(script, *args, timeout=240, attempts=3):
+    """Two gloo ranks on loopback. A rank that dies by a native abort (SIGABRT: gloo's transport, or torch's teardown of
+    the process group; seen on loaded machines) is not a failed check: if every rank had finished its work
+    (tests/dist_exit.py's `finish`, after all results were written) the launch counts as done, otherwise it is
+    relaunched, up to `attempts` times. Any Python error or failed check in a rank fails at once."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    for attempt in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), script, *map(str, args)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    for attempt in range(attempts):
+        with tempfile.TemporaryDirectory() as done:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), script, *map(str, args)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(env, **{DONE_DIR: done}))
+            finished = sorted(os.listdir(done)) == ["rank0", "rank1"]
         aborted = "exitcode: -6" in proc.stderr  # SIGABRT; a Python error in a rank exits with 1 and is not retried
-        if proc.returncode == 0 or not aborted or attempt == 1:
+        if proc.returncode != 0 and aborted and finished:
+            print(f"torchrun: a rank aborted natively after every rank had finished its work:\n{proc.stderr[-1500:]}")
+            return proc
+        if proc.returncode == 0 or not aborted or attempt == attempts - 1:
             break
-        print(f"torchrun: a rank aborted natively, retrying once:\n{proc.stderr[-1500:]}")
+        print(f"torchrun: a rank aborted natively before the work was done, relaunching:\n{proc.stderr[-1500:]}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
@@ -112,3 +121,30 @@ def memwrap_plan():
 
     model, _ = build("adamw")
     return memwrap.get_plan(model)
+
+
+@pytest.mark.parametrize("when,launches,accepted", [("after-finish", 1, True), ("before-finish", 2, False),
+                                                    ("python-error", 1, False)])
+def test_torchrun_accepts_a_native_abort_only_after_every_rank_finished(tmp_path, when, launches, accepted):
+    """The launcher's retry rule, on a rank script that needs no process group: an abort after both ranks recorded
+    their work as done is accepted, an abort before is relaunched and then fails, a Python error fails at once."""
+    script = tmp_path / "rank.py"
+    script.write_text(f"""import os, sys, time
+rank = os.environ["LOCAL_RANK"]
+with open(os.path.join(sys.argv[1], "launches"), "a") as f:
+    f.write(rank)
+if {when!r} == "python-error":
+    raise SystemExit(1)
+if {when!r} == "after-finish":  # as dist_exit.finish: record, wait for the other rank's record, then abort
+    done = os.environ[{DONE_DIR!r}]
+    open(os.path.join(done, "rank" + rank), "w").close()
+    while len(os.listdir(done)) < 2:
+        time.sleep(0.05)
+os.abort()
+""")
+    if accepted:
+        torchrun(script, tmp_path, attempts=2)
+    else:
+        with pytest.raises(AssertionError):
+            torchrun(script, tmp_path, attempts=2)
+    assert len((tmp_path / "launches").read_text()) == 2 * launches  # each launch starts both ranks
