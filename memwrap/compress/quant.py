@@ -6,7 +6,8 @@ the same Parameter object) and s (…, n, m / B) one scale per row and block of 
 kept in logical orientation next to the weight (`weight_scale` on a linear, `<name>_memwrap_scale` on fused experts),
 so FSDP2 shards it with the weight's rows (or experts).
 
-- Forward and backward dequantize one layer at a time in the activation dtype (`dense`): the transient is one layer.
+- Forward and backward dequantize one layer at a time straight into the activation dtype (`dense`): the transient is
+  one layer's weight in that dtype.
 - The merge writes `W ← Q(deq(W)·decay + lift(coords))` (`requantize`): Q rounds stochastically onto the 8-bit grid,
   so E[deq(W_new)] is the exact float32 update. A block whose absmax outgrows its scale gets a new scale first (its
   absmax / qmax, with GROWTH headroom so a slowly growing block is not re-rounded every step); the scale is a
@@ -77,23 +78,36 @@ def logical(w: torch.Tensor, transposed: bool) -> torch.Tensor:
     return w.transpose(-1, -2) if transposed else w
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """float32 W in logical orientation (…, n, m) from storage-oriented q and logical scales (…, n, m / B)."""
+def dequantize(q: torch.Tensor, scale: torch.Tensor, transposed: bool, dtype: torch.dtype = torch.float32
+               ) -> torch.Tensor:
+    """W in logical orientation (…, n, m) and `dtype` from storage-oriented q and logical scales (…, n, m / B): each
+    element q·s computed in float32 and rounded once to `dtype`, written straight into the result (its bytes are the
+    only transient; eager int8 is one kernel: the product of the int8 values and the float32 scales into a `dtype`
+    tensor; fp8, whose dtype torch does not promote, is an exact cast then an in-place product)."""
     ql = logical(q, transposed)
     nb = scale.shape[-1]
-    w = ql.float().unflatten(-1, (nb, ql.shape[-1] // nb))
-    w.mul_(scale.unsqueeze(-1))
-    return w.flatten(-2)
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (nb, t.shape[-1] // nb))
+
+    s = scale.unsqueeze(-1)
+    if torch.compiler.is_compiling():  # one expression: the compiler fuses it into one kernel
+        return (blocks(ql.float()) * s).flatten(-2).to(dtype)
+    out = torch.empty_like(ql, dtype=dtype)  # q's memory layout: a transposed q gives a transposed W
+    if q.dtype == torch.int8:
+        torch.mul(blocks(ql), s, out=blocks(out))
+    else:  # every e4m3 value is exact in bf16, fp16 and float32
+        out.copy_(ql)
+        blocks(out).mul_(s)
+    return out
 
 
 def dense(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
     """The weight in `dtype` and its storage orientation: q itself cast when there is no scale (a weight kept as it
-    was), else dequantized (float32 product, then one cast: one layer's transient)."""
+    was), else dequantized into `dtype` (one layer's transient: its bytes in `dtype`)."""
     if scale is None:
         return q.to(dtype)
-    w = dequantize(q, scale, transposed)
-    w = w if dtype == torch.float32 else w.to(dtype)
-    return logical(w, transposed)
+    return logical(dequantize(q, scale, transposed, dtype), transposed)
 
 
 def _round_grid(x: torch.Tensor, fmt: Format, stochastic: bool, generator) -> torch.Tensor:

@@ -635,8 +635,8 @@ def estimate(shape: ModelShape, weights: list[Weight], layers: tuple[LayerPlan, 
         weight_bytes = sum(quant_weight_bytes(w.numel, w.in_features) if w.name in eight_bit else w.numel * pb
                            for w in weights)
         grads, states = trainable_bytes(weights, layers, pb, optimizer, coords_bytes)
-    # an 8-bit weight dequantized for its matmul: the float32 product, then its cast (one weight at a time)
-    dequant = max((w.numel for w in weights if w.name in eight_bit), default=0) * (FP32 + dtype_bytes)
+    # an 8-bit weight dequantized for its matmul, straight into the compute dtype (one weight at a time)
+    dequant = max((w.numel for w in weights if w.name in eight_bit), default=0) * dtype_bytes
     if layers is not None and (savings or {}).get("loss_chunk"):
         chunked_cross_entropy, ce_chunk_tokens = True, savings["loss_chunk"]
     elif chunked_cross_entropy and layers is not None:
