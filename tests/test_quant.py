@@ -57,6 +57,23 @@ def test_quantize_round_trip_is_within_half_a_grid_step():
 
 
 @pytest.mark.parametrize("name", FORMATS)
+def test_dequantized_weight_is_each_value_times_its_scale_rounded_once(name):
+    """dense (what forward and backward multiply by) equals, element by element, q · s computed in float64 and
+    rounded to float32, then to the compute dtype, in the weight's storage orientation and memory layout."""
+    torch.manual_seed(1)
+    fmt = quant.FORMATS[name]
+    for transposed in (False, True):
+        w = torch.randn(2, 48, 256) * torch.logspace(-4, 1, 48).unsqueeze(-1)  # (experts, n, m) logical
+        q, s = quant.quantize(w.transpose(-1, -2).contiguous() if transposed else w, fmt, transposed, 1 << 20)
+        ql = quant.logical(q, transposed).double()
+        expect32 = (ql.unflatten(-1, (2, 128)) * s.double().unsqueeze(-1)).flatten(-2).float()
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            got = quant.dense(q, s, dtype, transposed)
+            assert got.dtype == dtype and got.shape == q.shape and got.stride() == q.stride()
+            assert torch.equal(quant.logical(got, transposed), expect32.to(dtype)), (transposed, dtype)
+
+
+@pytest.mark.parametrize("name", FORMATS)
 def test_stochastic_rounding_onto_the_grid_is_unbiased(name):
     """E[deq(Q(x))] = x for values between grid points, by Monte Carlo: 2000 draws, the mean within the binomial
     tolerance of each element (`tolerance`: the variance of one draw is (x − lo)(hi − x), known exactly)."""
