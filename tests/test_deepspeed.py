@@ -12,13 +12,11 @@ import subprocess
 import sys
 
 import pytest
-from test_ddp import free_port
+from test_ddp import free_port, once_per_run
 
 pytest.importorskip("deepspeed")
 
 HERE = os.path.dirname(__file__)
-# the module's fixture launches one multi-process run: its tests stay on one pytest-xdist worker
-pytestmark = pytest.mark.xdist_group("deepspeed")
 FP32 = ["z1", "z2", "z3", "z3-shards", "z3-offload", "z2-accum"]
 MOE = ["z3-qwen3-moe", "z3-gpt-oss"]
 BF16 = ["z1-bf16", "z3-bf16"]  # stage 1 in bf16 runs DeepSpeed's BF16_Optimizer; 2 shares stage 1's fp32 code
@@ -49,9 +47,9 @@ def remove_shm_buffers(port: int) -> int:
 
 @pytest.fixture(scope="module")
 def ds_result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deepspeed")
     names = FP32 + BF16 + MOE + ["checkpoint:z2", "checkpoint:z3", "refusals", "trained-before"]
-    launch(os.path.join(HERE, "dist_deepspeed.py"), str(out), ",".join(names))
+    out = once_per_run(tmp_path_factory, "deepspeed",
+                       lambda d: launch(os.path.join(HERE, "dist_deepspeed.py"), str(d), ",".join(names)))
     return [json.load(open(out / f"rank{r}.json")) for r in (0, 1)]
 
 

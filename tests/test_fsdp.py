@@ -7,13 +7,11 @@ import os
 import pytest
 import torch
 from dist_fsdp import build, run_single
-from test_ddp import torchrun
+from test_ddp import once_per_run, torchrun
 
 from memwrap.compress import quant
 
 WORKER = os.path.join(os.path.dirname(__file__), "dist_fsdp.py")
-# the module's fixture launches one multi-process run: its tests stay on one pytest-xdist worker
-pytestmark = pytest.mark.xdist_group("fsdp")
 STEPS, SPLIT = 7, 4  # P refreshed every 3 steps; the checkpoint after step 4 sits between refreshes
 # int8 weights where this torch's FSDP2 can shard integer parameters (torch 2.11's fully_shard cannot: pytorch#177844;
 # memwrap.wrap warns about it in a multi-process run)
@@ -32,9 +30,7 @@ def test_int8_weights_under_fsdp2_need_a_torch_that_shards_integer_parameters():
 
 @pytest.fixture(scope="module")
 def fsdp_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    torchrun(WORKER, out, STEPS, SPLIT, *CONFIGS)
-    return out
+    return once_per_run(tmp_path_factory, "fsdp", lambda d: torchrun(WORKER, d, STEPS, SPLIT, *CONFIGS))
 
 
 def result(out, config):

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from test_ddp import torchrun
+from test_ddp import once_per_run, torchrun
 from test_moe import full_rank
 from tiny import state_equal, tiny_llama, token_batch
 from torch import nn
@@ -461,14 +461,13 @@ def test_input_cache_follows_the_refresh_index():
 def zero_result(tmp_path_factory):
     import os
 
-    out = tmp_path_factory.mktemp("zero") / "zero.json"
-    torchrun(os.path.join(os.path.dirname(__file__), "dist_zero.py"), out, 5)
-    with open(out) as f:
+    out = once_per_run(tmp_path_factory, "zero", lambda d: torchrun(os.path.join(os.path.dirname(__file__),
+                                                                                 "dist_zero.py"), d / "zero.json", 5))
+    with open(out / "zero.json") as f:
         return json.load(f)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("zero")  # one torchrun launch (the module fixture) for both tests
 def test_zero_redundancy_optimizer_at_full_rank_equals_plain_zero(zero_result):
     plain, full = zero_result["plain"], zero_result["full-rank"]
     assert relative_gap(full["losses"], plain["losses"]) < 1e-5
@@ -478,7 +477,6 @@ def test_zero_redundancy_optimizer_at_full_rank_equals_plain_zero(zero_result):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("zero")
 def test_zero_redundancy_optimizer_compressed_equals_single_process_adamw(zero_result):
     from dist_zero import GLOBAL_BATCH, build, global_batch
 
